@@ -1,0 +1,1 @@
+"""DVC stages of the Stable Diffusion personalisation pipeline (one module per stage)."""

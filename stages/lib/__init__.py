@@ -1,0 +1,1 @@
+"""Shared building blocks of the stages: config, tracking, images, model loading."""

@@ -1,0 +1,39 @@
+"""The command-line frame every stage shares: argument parsing, config loading, clear errors."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from stages.lib.config import ConfigError, load_config
+from stages.lib.schema import PipelineConfig
+
+
+class StageError(RuntimeError):
+    """A stage cannot do its job; the message names the file or key at fault and what to do."""
+
+
+def stage_main(
+    description: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[PipelineConfig, argparse.Namespace], object],
+    argv: Sequence[str] | None = None,
+) -> int:
+    """Parse ``--params`` plus the stage's own path arguments, load the config and run the stage.
+
+    Known failures (bad config, bad input) print one clear line and exit with status 2.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", default="params.yaml", help="composed config (default: params.yaml)")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.params)
+        run(cfg, args)
+    except (ConfigError, StageError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,60 @@
+"""Image helpers shared by the stages: safe loading, grids, saving."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageOps
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Apply EXIF orientation and convert any mode (RGBA, L, CMYK, P, I;16...) to RGB on white."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode.startswith("I;16"):
+        image = image.point(lambda v: v / 256).convert("L")
+    return image.convert("RGB")
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files of a folder by suffix, sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def make_grid(
+    images: Sequence[Image.Image],
+    columns: int | None = None,
+    labels: Sequence[str] | None = None,
+    cell: int | None = None,
+) -> Image.Image:
+    """Tile images into a grid (resized to a common square cell), optionally with a caption per cell."""
+    if not images:
+        raise ValueError("make_grid needs at least one image")
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    columns = max(1, min(columns, len(images)))
+    rows = math.ceil(len(images) / columns)
+    cell = cell or max(im.width for im in images)
+    label_h = 12 if labels else 0
+    grid = Image.new("RGB", (columns * cell, rows * (cell + label_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, im in enumerate(images):
+        x, y = (i % columns) * cell, (i // columns) * (cell + label_h)
+        grid.paste(im.convert("RGB").resize((cell, cell), Image.Resampling.BICUBIC), (x, y + label_h))
+        if labels:
+            draw.text((x + 2, y), str(labels[i])[: max(4, cell // 6)], fill="black")
+    return grid
+
+
+def save_image(image: Image.Image, path: str | Path) -> Path:
+    """Save an image, creating parent folders; the format follows the suffix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path

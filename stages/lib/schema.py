@@ -1,0 +1,226 @@
+"""Typed configuration: one dataclass per Hydra config group.
+
+The dataclass defaults are the seed recipe (the ``seed_hw4`` profile); the tiny embedded default lives in
+``conf/profile/tiny.yaml``. The same classes are registered with Hydra's ConfigStore (see
+``hydra_plugins/sdpipe``), so ``dvc exp run -S key=value`` rejects unknown keys and wrong types before any stage
+runs, and the stages read their section of ``params.yaml`` back into these classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TinyModelConfig:
+    """Sizes of the embedded, randomly initialised SD-architecture pipeline."""
+
+    seed: int = 0
+    sample_size: int = 64  # pixels; latents are sample_size / 4
+    unet_channels: list[int] = field(default_factory=lambda: [32, 64])
+    unet_layers_per_block: int = 1
+    attention_head_dim: int = 8
+    vae_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    latent_channels: int = 4
+    text_hidden_size: int = 32
+    text_layers: int = 2
+    text_heads: int = 4
+    text_intermediate_size: int = 64
+
+
+@dataclass
+class ModelConfig:
+    """Where the base model comes from.
+
+    source: ``tiny`` (embedded default, built offline), ``hub`` (a hub id already in the local cache, pinned by
+    ``revision``), ``folder`` (a local diffusers folder) or ``single_file`` (a civitai-style .safetensors/.ckpt).
+    """
+
+    source: str = "tiny"
+    path: str = ""
+    revision: str = ""
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass
+class DataConfig:
+    """The user's subject: photo folder and prompts."""
+
+    instance_dir: str = "data/sample_subject"
+    instance_prompt: str = "a photo of sks man face"
+    class_prompt: str = "a photo of man face"
+    instance_token: str = "sks"
+
+
+@dataclass
+class SampleSubjectConfig:
+    """The embedded sample subject generated when no user photos are given."""
+
+    num_images: int = 24
+    min_size: int = 160
+    max_size: int = 320
+    seed: int = 7
+
+
+@dataclass
+class PrepConfig:
+    """Birme-style square crops centred on the face."""
+
+    resolution: int = 512
+    on_bad_input: str = "skip"  # skip | fail
+    face_padding: float = 1.8  # crop side = face size * face_padding (clamped to the image)
+    min_face_fraction: float = 0.05  # ignore detections smaller than this fraction of the short side
+    allow_upscale: bool = False  # reject images whose short side is below resolution unless True
+    contact_sheet_columns: int = 8
+    image_format: str = "png"
+
+
+@dataclass
+class ClassImagesConfig:
+    """Prior-preservation images of the class prompt, generated with the base model."""
+
+    num_class_images: int = 500
+    sample_batch_size: int = 4
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """Settings shared by DreamBooth and LoRA training (one loop serves both)."""
+
+    resolution: int = 512
+    train_batch_size: int = 1
+    learning_rate: float = 2e-6
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    max_train_steps: int = 800
+    optimizer: str = "adamw8bit"  # adamw8bit | adamw | prodigy
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    with_prior_preservation: bool = True
+    prior_loss_weight: float = 1.0
+    train_text_encoder: bool = False
+    mixed_precision: str = "bf16"  # no | fp16 | bf16 (CUDA only; CPU always trains in fp32)
+    gradient_checkpointing: bool = False
+    snr_gamma: float = 0.0  # 0 disables min-SNR weighting
+    noise_offset: float = 0.0
+    face_loss_weight: float = 1.0  # >1 weights the face box from prep's manifest; 1 disables masking
+    use_ema: bool = False
+    ema_decay: float = 0.999
+    checkpointing_steps: int = 200
+    checkpoints_total_limit: int = 2
+    validation_steps: int = 200
+    num_validation_images: int = 2
+    validation_holdout: int = 0
+    seed: int = 0
+
+
+@dataclass
+class DreamBoothConfig(TrainConfig):
+    """Full-UNet DreamBooth with prior preservation."""
+
+
+@dataclass
+class LoraConfig(TrainConfig):
+    """LoRA adapters on the DreamBooth UNet, one DVC stage per rank in ``ranks``."""
+
+    learning_rate: float = 5e-4
+    ranks: list[int] = field(default_factory=lambda: [4, 8, 24])
+    rank: int = 24  # the featured adapter used by infer / compare / controlnet
+    alpha: float = 0.0  # 0 means alpha = rank
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+@dataclass
+class InferConfig:
+    """Inference images for the prompt list."""
+
+    prompts: list[str] = field(
+        default_factory=lambda: [
+            "a photo of sks man face in a kitchen",
+            "anime style portrait of sks man face",
+            "classicist art painting of sks man face",
+            "a photo of sks man face in a forest",
+            "a photo of sks man face in a night city",
+        ]
+    )
+    negative_prompt: str = ""
+    num_images_per_prompt: int = 2
+    num_inference_steps: int = 30
+    guidance_scale: float = 7.5
+    height: int = 512
+    width: int = 512
+    scheduler: str = ""  # empty keeps the pipeline's scheduler
+    seed: int = 0
+    variants: list[str] = field(default_factory=lambda: ["base", "dreambooth", "lora"])
+
+
+@dataclass
+class CompareConfig:
+    """DreamBooth UNet vs LoRA table and rank study."""
+
+    rank_study_prompt: str = "forest"
+    clip_model_path: str = ""
+    dino_model_path: str = ""
+
+
+@dataclass
+class ControlNetConfig:
+    """Canny-guided generation of the personalised subject."""
+
+    annotator: str = "canny"
+    low_threshold: int = 100
+    high_threshold: int = 200
+    conditioning_scale: float = 1.0
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
+    model_path: str = ""  # a pretrained SD1.5 canny ControlNet; empty trains a small one (tiny default)
+    train_steps: int = 200
+    prompt: str = "a photo of sks man face"
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking; an empty uri means a SQLite store at the DVC root."""
+
+    enabled: bool = True
+    uri: str = ""
+    experiment_name: str = "sd-personalise"
+
+
+@dataclass
+class ComputeConfig:
+    """Where the stages run."""
+
+    device: str = "auto"  # auto | cpu | cuda
+    num_processes: int = 1
+    num_threads: int = 0  # 0 leaves torch's default
+
+
+@dataclass
+class PipelineConfig:
+    """The whole composed configuration (params.yaml)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sample_subject: SampleSubjectConfig = field(default_factory=SampleSubjectConfig)
+    prep: PrepConfig = field(default_factory=PrepConfig)
+    class_images: ClassImagesConfig = field(default_factory=ClassImagesConfig)
+    dreambooth: DreamBoothConfig = field(default_factory=DreamBoothConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
+    controlnet: ControlNetConfig = field(default_factory=ControlNetConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+
+
+SECTIONS: dict[str, type] = {
+    name: f.default_factory  # type: ignore[misc]
+    for name, f in PipelineConfig.__dataclass_fields__.items()
+}
