@@ -70,7 +70,7 @@ class PrepConfig:
     on_bad_input: str = "skip"  # skip | fail
     face_padding: float = 1.8  # crop side = face size * face_padding (clamped to the image)
     min_face_fraction: float = 0.05  # ignore detections smaller than this fraction of the short side
-    allow_upscale: bool = False  # reject images whose short side is below resolution unless True
+    allow_upscale: bool = False  # False: reject images with short side < resolution, never upscale a crop
     contact_sheet_columns: int = 8
     image_format: str = "png"
 
@@ -116,7 +116,11 @@ class TrainConfig:
     checkpoints_total_limit: int = 2
     validation_steps: int = 200
     num_validation_images: int = 2
-    validation_holdout: int = 0
+    validation_inference_steps: int = 25
+    validation_holdout: int = (
+        0  # instance images kept out of training for the validation loss (0: fixed probes)
+    )
+    num_probes: int = 4  # images used by the fixed-noise probe losses
     seed: int = 0
 
 
@@ -126,14 +130,19 @@ class DreamBoothConfig(TrainConfig):
 
 
 @dataclass
-class LoraConfig(TrainConfig):
-    """LoRA adapters on the DreamBooth UNet, one DVC stage per rank in ``ranks``."""
+class LoraConfig:
+    """LoRA adapters on the DreamBooth UNet, one DVC stage per rank in ``ranks``.
 
-    learning_rate: float = 5e-4
+    ``train`` repeats the DreamBooth settings (conf/lora/default.yaml interpolates them from ``dreambooth``) with
+    the LoRA learning rate; it is a separate node so that changing the featured ``rank`` or adding a rank to
+    ``ranks`` never retrains the other adapters.
+    """
+
     ranks: list[int] = field(default_factory=lambda: [4, 8, 24])
     rank: int = 24  # the featured adapter used by infer / compare / controlnet
     alpha: float = 0.0  # 0 means alpha = rank
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(learning_rate=5e-4))
 
 
 @dataclass

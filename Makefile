@@ -1,0 +1,40 @@
+# The two README commands: `make repro` (set up + run the pipeline) and `make test` (set up + run the tests).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+PYTEST_ARGS ?=
+
+.PHONY: setup repro test lint format params ui
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PIP) torch
+	$(PIP) -e '.[test]'
+	# open_clip only carries the CLIP BPE vocabulary file; its torchvision dependency is not needed.
+	$(PIP) --no-deps open_clip_torch
+	touch $@
+
+setup: $(VENV)/.installed
+
+repro: setup
+	dvc repro
+
+test: setup
+	pytest $(PYTEST_ARGS)
+
+lint: setup
+	ruff check . && ruff format --check .
+
+format: setup
+	ruff format . && ruff check --fix .
+
+# Recompose params.yaml from conf/ (what `dvc exp run` does before each experiment).
+params: setup
+	python -m stages.compose
+
+ui: setup
+	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000

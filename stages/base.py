@@ -1,0 +1,68 @@
+"""Stage `base`: build (tiny default) or load (real SD1.5) the base pipeline and save it in diffusers format."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from stages.lib.cli import stage_main
+from stages.lib.config import to_flat_dict
+from stages.lib.models import load_base_source, load_pipeline
+from stages.lib.outputs import atomic_dir
+from stages.lib.schema import ModelConfig, PipelineConfig
+from stages.lib.tracking import stage_run
+
+SOURCE_FILE = "source.json"
+
+
+def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
+    """SHA-256 of a file, read in chunks (checkpoints are several GB)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def describe_source(cfg: ModelConfig) -> dict[str, str]:
+    """Provenance written beside the weights; exports copy it into their metadata."""
+    info = {"source": cfg.source, "path": cfg.path, "revision": cfg.revision}
+    if cfg.source == "single_file":
+        info["sha256"] = file_sha256(Path(cfg.path))
+    return info
+
+
+def run(cfg: PipelineConfig, out_dir: Path, reports_dir: Path) -> dict[str, float]:
+    """Save the configured base model to ``out_dir``; returns its parameter counts."""
+    params = to_flat_dict(cfg.model, "model.")
+    with stage_run("base", cfg.tracking, params, reports_dir) as tracker:
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as work, atomic_dir(out_dir) as tmp:
+            pipe = load_base_source(cfg.model, Path(work))
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            (tmp / SOURCE_FILE).write_text(json.dumps(describe_source(cfg.model), indent=2) + "\n")
+            load_pipeline(tmp)  # what downstream stages will do: fail here, not three stages later
+        metrics = {
+            f"{name}_params_M": sum(p.numel() for p in getattr(pipe, name).parameters()) / 1e6
+            for name in ("unet", "vae", "text_encoder")
+        }
+        metrics["seconds"] = time.perf_counter() - start
+        tracker.set_final_metrics(metrics)
+    return metrics
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("models/base"))
+    parser.add_argument("--reports", type=Path, default=Path("reports/base"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(__doc__ or "", _add_arguments, lambda cfg, a: run(cfg, a.out, a.reports), argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,29 @@
+"""Compose conf/ into params.yaml exactly as DVC's Hydra integration does (`make params`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from dvc.utils.hydra import compose_and_dump
+
+
+def compose(output: Path, overrides: list[str], root: Path = Path(".")) -> Path:
+    """Write the composition of ``root/conf`` with ``overrides`` to ``output``."""
+    root = root.resolve()
+    compose_and_dump(output, str(root / "conf"), None, "config", str(root), overrides)
+    return output
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. lora.rank=8 profile=seed_hw4")
+    parser.add_argument("--out", type=Path, default=Path("params.yaml"))
+    args = parser.parse_args(argv)
+    compose(args.out, args.overrides)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

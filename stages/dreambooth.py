@@ -1,0 +1,68 @@
+"""Stage `dreambooth`: full-UNet fine-tuning with prior preservation; saves a complete diffusers pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import torch
+
+from stages.base import SOURCE_FILE
+from stages.lib.checkpoints import hash_files
+from stages.lib.cli import stage_main
+from stages.lib.config import to_flat_dict
+from stages.lib.finetune import FinetunePaths, finetune, place_frozen_modules
+from stages.lib.models import load_pipeline, resolve_device
+from stages.lib.outputs import atomic_dir
+from stages.lib.schema import PipelineConfig
+from stages.lib.tracking import stage_run
+
+
+def run(cfg: PipelineConfig, base_dir: Path, out_dir: Path, paths: FinetunePaths) -> dict[str, float]:
+    """Train every UNet parameter; write the fine-tuned pipeline to ``out_dir`` (safetensors)."""
+    train = cfg.dreambooth
+    pipe = load_pipeline(base_dir)
+    place_frozen_modules(pipe, train, resolve_device(cfg.compute))
+    pipe.unet.requires_grad_(True)
+    params = dict(pipe.unet.named_parameters())
+    flat = {**to_flat_dict(train, "dreambooth."), **to_flat_dict(cfg.data, "data.")}
+    with stage_run("dreambooth", cfg.tracking, flat, paths.reports_dir) as tracker:
+        result = finetune(
+            "dreambooth",
+            train,
+            cfg.data,
+            pipe,
+            params,
+            paths,
+            tracker,
+            identity={"base": hash_files([base_dir])},
+        )
+        pipe.to("cpu", torch.float32) if pipe.vae.dtype != torch.float32 else pipe.to("cpu")
+        with atomic_dir(out_dir) as tmp:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            if (base_dir / SOURCE_FILE).is_file():
+                shutil.copy(base_dir / SOURCE_FILE, tmp / SOURCE_FILE)
+        tracker.set_final_metrics(result.metrics)
+    return result.metrics
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", type=Path, default=Path("models/base"))
+    parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
+    parser.add_argument("--class-images", type=Path, default=Path("data/class_images"))
+    parser.add_argument("--out", type=Path, default=Path("models/dreambooth"))
+    parser.add_argument("--checkpoints", type=Path, default=Path("checkpoints/dreambooth"))
+    parser.add_argument("--reports", type=Path, default=Path("reports/dreambooth"))
+
+
+def _run(cfg: PipelineConfig, a: argparse.Namespace) -> dict[str, float]:
+    return run(cfg, a.base, a.out, FinetunePaths(a.prepared, a.class_images, a.checkpoints, a.reports))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(__doc__ or "", _add_arguments, _run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

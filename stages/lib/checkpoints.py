@@ -1,0 +1,109 @@
+"""Training checkpoints that survive kill -9: atomic folders, a config fingerprint, at most K kept."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+DONE_MARKER = "complete.json"
+
+
+def fingerprint(*parts: Any) -> str:
+    """A stable hash of JSON-serialisable parts (config, input hashes, code version)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def hash_files(paths: list[Path]) -> str:
+    """Content hash of files (and of every file under folders), in sorted order."""
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            digest.update(str(file.relative_to(path.parent) if path.is_dir() else file.name).encode())
+            with file.open("rb") as fh:
+                while block := fh.read(1 << 24):
+                    digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class CheckpointState:
+    """What a checkpoint restores."""
+
+    step: int
+    tensors: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    lr_scheduler: dict[str, Any]
+    extra: dict[str, Any]
+
+
+class CheckpointStore:
+    """``root/checkpoint-<step>`` folders; a folder counts only when its completion marker was written last."""
+
+    def __init__(self, root: Path, fingerprint_: str, limit: int) -> None:
+        self.root = Path(root)
+        self.fingerprint = fingerprint_
+        self.limit = max(1, limit)
+
+    def _complete(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        found = []
+        for path in self.root.glob("checkpoint-*"):
+            marker = path / DONE_MARKER
+            if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == self.fingerprint:
+                found.append(path)
+        return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint of this configuration, if any."""
+        complete = self._complete()
+        return complete[-1] if complete else None
+
+    def discard_stale(self) -> None:
+        """Remove checkpoints of other configurations and half-written folders."""
+        if not self.root.is_dir():
+            return
+        keep = set(self._complete())
+        for path in self.root.iterdir():
+            if path not in keep:
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
+
+    def save(self, state: CheckpointState) -> Path:
+        """Write a checkpoint atomically, then prune to the newest ``limit``."""
+        final = self.root / f"checkpoint-{state.step:07d}"
+        tmp = self.root / f".tmp-{state.step:07d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in state.tensors.items()},
+            tmp / "trainable.safetensors",
+        )
+        torch.save({"optimizer": state.optimizer, "lr_scheduler": state.lr_scheduler}, tmp / "optimizer.pt")
+        (tmp / "extra.json").write_text(json.dumps(state.extra))
+        (tmp / DONE_MARKER).write_text(json.dumps({"fingerprint": self.fingerprint, "step": state.step}))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in self._complete()[: -self.limit]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    @staticmethod
+    def load(path: Path) -> CheckpointState:
+        """Read a checkpoint back with safe loaders only."""
+        opt = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+        return CheckpointState(
+            step=json.loads((path / DONE_MARKER).read_text())["step"],
+            tensors=load_file(path / "trainable.safetensors"),
+            optimizer=opt["optimizer"],
+            lr_scheduler=opt["lr_scheduler"],
+            extra=json.loads((path / "extra.json").read_text()),
+        )

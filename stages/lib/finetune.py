@@ -1,0 +1,170 @@
+"""What DreamBooth and LoRA stages share around the training loop: data, device placement, validation images,
+checkpoint fingerprints and the loss table for ``dvc plots``."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+from stages.lib.checkpoints import CheckpointStore, fingerprint, hash_files
+from stages.lib.images import make_grid, save_image
+from stages.lib.schema import DataConfig, TrainConfig
+from stages.lib.tracking import StageTracker
+from stages.lib.train_data import (
+    encode_latents,
+    face_weight_maps,
+    load_image_folder,
+    load_instance_set,
+)
+from stages.lib.training import DiffusionTrainer, TrainingData, TrainResult, accelerator_for
+
+CODE_FILES = [Path(__file__), Path(__file__).with_name("training.py"), Path(__file__).with_name("losses.py")]
+
+
+@dataclass
+class FinetunePaths:
+    """Inputs and scratch space of a fine-tuning stage (all given by dvc.yaml)."""
+
+    prepared_dir: Path
+    class_dir: Path | None
+    checkpoint_dir: Path
+    reports_dir: Path
+
+
+@torch.no_grad()
+def encode_prompt(pipe: StableDiffusionPipeline, prompt: str) -> torch.Tensor:
+    """(1, 77, D) text embeddings, computed once."""
+    ids = pipe.tokenizer(
+        prompt,
+        padding="max_length",
+        max_length=pipe.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0].float()
+
+
+def place_frozen_modules(pipe: StableDiffusionPipeline, cfg: TrainConfig, device: torch.device) -> None:
+    """VAE and text encoder frozen on the device (half precision under CUDA mixed precision); UNet in fp32."""
+    half = (
+        {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+        if device.type == "cuda"
+        else None
+    )
+    for module in (pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False).eval().to(device)
+        if half is not None:
+            module.to(dtype=half)
+    pipe.unet.to(device)
+    if cfg.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+
+
+def build_training_data(
+    pipe: StableDiffusionPipeline, cfg: TrainConfig, data_cfg: DataConfig, paths: FinetunePaths
+) -> TrainingData:
+    """Encode instance (+ held-out) and class images once; prompts once; face maps from prep's manifest."""
+    device = pipe.unet.device
+    instances, holdout = load_instance_set(paths.prepared_dir, cfg.resolution).split(cfg.validation_holdout)
+    instance_cache = encode_latents(pipe.vae, instances)
+    latent_size = instance_cache.mean.shape[-1]
+    weights = None
+    if cfg.face_loss_weight != 1.0:
+        weights = face_weight_maps(
+            instances.face_boxes, cfg.resolution, latent_size, cfg.face_loss_weight
+        ).to(device)
+    data = TrainingData(
+        instance=instance_cache.to(device),
+        instance_embeds=encode_prompt(pipe, data_cfg.instance_prompt).to(device),
+        instance_weights=weights,
+        holdout=encode_latents(pipe.vae, holdout).to(device) if holdout is not None else None,
+    )
+    if paths.class_dir is not None:  # probed always, trained on only with prior preservation
+        classes = load_image_folder(paths.class_dir, cfg.resolution, "class")
+        data.class_probe = encode_latents(pipe.vae, classes).to(device)
+        data.class_embeds = encode_prompt(pipe, data_cfg.class_prompt).to(device)
+        data.with_prior = cfg.with_prior_preservation
+    return data
+
+
+def make_validation_hook(
+    pipe: StableDiffusionPipeline, cfg: TrainConfig, prompt: str, tracker: StageTracker, reports_dir: Path
+):
+    """A callback that samples seeded validation images with the UNet being trained and logs a grid."""
+
+    def validate(step: int) -> None:
+        if cfg.num_validation_images <= 0:
+            return
+        pipe.set_progress_bar_config(disable=True)
+        was_training = pipe.unet.training
+        pipe.unet.eval()
+        with torch.autocast(
+            pipe.unet.device.type, enabled=pipe.unet.device.type == "cuda", dtype=torch.bfloat16
+        ):
+            images = pipe(
+                prompt,
+                num_images_per_prompt=cfg.num_validation_images,
+                num_inference_steps=cfg.validation_inference_steps,
+                height=cfg.resolution,
+                width=cfg.resolution,
+                generator=torch.Generator().manual_seed(cfg.seed),
+            ).images
+        pipe.unet.train(was_training)
+        grid = make_grid(images, columns=len(images))
+        save_image(grid, reports_dir / "validation" / f"step-{step:06d}.png")
+        tracker.log_image(grid, f"validation/step-{step:06d}.png")
+
+    return validate
+
+
+def write_loss_table(history: list[dict[str, float]], path: Path) -> Path:
+    """Per-step losses as CSV for ``dvc plots`` (x: step)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys = ["step", "loss", "instance_loss", "prior_loss", "lr"]
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=[k for k in keys if not history or k in history[0]])
+        writer.writeheader()
+        for row in history:
+            writer.writerow({k: row[k] for k in writer.fieldnames})
+    return path
+
+
+def finetune(
+    stage: str,
+    cfg: TrainConfig,
+    data_cfg: DataConfig,
+    pipe: StableDiffusionPipeline,
+    params: dict[str, torch.nn.Parameter],
+    paths: FinetunePaths,
+    tracker: StageTracker,
+    identity: dict[str, object],
+) -> TrainResult:
+    """Run the shared loop over ``params`` of ``pipe.unet``; ``identity`` adds stage-specific fingerprint parts."""
+    device = pipe.unet.device
+    accelerator = accelerator_for(cfg, device)
+    data = build_training_data(pipe, cfg, data_cfg, paths)
+    inputs = [paths.prepared_dir] + ([paths.class_dir] if paths.class_dir else [])
+    store = CheckpointStore(
+        paths.checkpoint_dir,
+        fingerprint(stage, asdict(cfg), asdict(data_cfg), identity, hash_files(inputs + CODE_FILES)),
+        cfg.checkpoints_total_limit,
+    )
+    trainer = DiffusionTrainer(
+        cfg,
+        pipe.unet,
+        DDPMScheduler.from_config(pipe.scheduler.config),
+        data,
+        params,
+        store,
+        tracker,
+        accelerator,
+        validate_images=make_validation_hook(pipe, cfg, data_cfg.instance_prompt, tracker, paths.reports_dir),
+    )
+    result = trainer.run()
+    loss_table = write_loss_table(result.history, paths.reports_dir / "loss.csv")
+    tracker.log_artifact(loss_table)
+    return result

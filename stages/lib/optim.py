@@ -1,0 +1,75 @@
+"""Optimizer and learning-rate schedule from a TrainConfig."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterable
+
+import torch
+from diffusers.optimization import get_scheduler
+
+from stages.lib.config import ConfigError
+from stages.lib.schema import TrainConfig
+
+log = logging.getLogger(__name__)
+OPTIMIZERS = ("adamw8bit", "adamw", "prodigy")
+
+
+def _adamw8bit(
+    params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device
+) -> torch.optim.Optimizer:
+    """bitsandbytes' 8-bit AdamW on CUDA; torch AdamW with a logged warning where it cannot run."""
+    if device.type == "cuda":
+        try:
+            import bitsandbytes as bnb
+
+            return bnb.optim.AdamW8bit(params, **_adam_kwargs(cfg))
+        except (ImportError, RuntimeError) as err:
+            reason = f"bitsandbytes failed ({err})"
+    else:
+        reason = f"8-bit AdamW needs CUDA, this run is on {device.type}"
+    msg = f"optimizer=adamw8bit: {reason}; falling back to torch.optim.AdamW (fp32 states)"
+    log.warning(msg)
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    return torch.optim.AdamW(params, **_adam_kwargs(cfg))
+
+
+def _adam_kwargs(cfg: TrainConfig) -> dict[str, object]:
+    return {
+        "lr": cfg.learning_rate,
+        "betas": (cfg.adam_beta1, cfg.adam_beta2),
+        "weight_decay": cfg.adam_weight_decay,
+        "eps": cfg.adam_epsilon,
+    }
+
+
+def make_optimizer(
+    params: Iterable[torch.nn.Parameter], cfg: TrainConfig, device: torch.device
+) -> torch.optim.Optimizer:
+    """Build ``cfg.optimizer`` over ``params``."""
+    params = list(params)
+    if cfg.optimizer == "adamw8bit":
+        return _adamw8bit(params, cfg, device)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, **_adam_kwargs(cfg))
+    if cfg.optimizer == "prodigy":
+        from prodigyopt import Prodigy
+
+        return Prodigy(params, **_adam_kwargs(cfg))
+    raise ConfigError(f"optimizer='{cfg.optimizer}' is not one of {', '.join(OPTIMIZERS)}")
+
+
+def make_lr_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """diffusers' named schedules (constant, constant_with_warmup, linear, cosine, ...)."""
+    try:
+        return get_scheduler(
+            cfg.lr_scheduler,
+            optimizer=optimizer,
+            num_warmup_steps=cfg.lr_warmup_steps,
+            num_training_steps=cfg.max_train_steps,
+        )
+    except ValueError as err:
+        raise ConfigError(f"lr_scheduler='{cfg.lr_scheduler}': {err}") from err

@@ -1,0 +1,310 @@
+"""The one training loop behind DreamBooth, LoRA (and the ControlNet trainer): prior preservation, cached
+latents and text embeddings, checkpoints that resume after kill -9, probe losses and validation images.
+
+Randomness is drawn from a generator seeded by (seed, step), so a resumed run draws exactly what an uninterrupted
+run would, and the same config gives bit-identical weights on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import Accelerator
+from diffusers import DDPMScheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from stages.lib.checkpoints import CheckpointState, CheckpointStore
+from stages.lib.losses import diffusion_target, min_snr_weights, per_sample_mse, sample_noise
+from stages.lib.optim import make_lr_scheduler, make_optimizer
+from stages.lib.schema import TrainConfig
+from stages.lib.tracking import StageTracker
+from stages.lib.train_data import LatentCache
+
+log = logging.getLogger(__name__)
+PROBE_TIMESTEPS = 8
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainingData:
+    """Everything the hot loop reads, already on the device: latents, face maps, prompt embeddings."""
+
+    instance: LatentCache
+    instance_embeds: torch.Tensor  # (1, 77, D)
+    instance_weights: torch.Tensor | None = None  # (N, 1, h, w) face maps, mean 1
+    class_probe: LatentCache | None = None  # class images: the prior-preservation term and the class probe
+    class_embeds: torch.Tensor | None = None
+    with_prior: bool = False  # train on the class images too (prior preservation)
+    holdout: LatentCache | None = None
+
+    @property
+    def prior(self) -> LatentCache | None:
+        """The class latents the loss trains on, if prior preservation is on."""
+        return self.class_probe if self.with_prior else None
+
+
+@dataclass
+class Batch:
+    """One step's inputs; rows [:num_instance] are instance examples, the rest prior (class) examples."""
+
+    noisy: torch.Tensor
+    target: torch.Tensor
+    timesteps: torch.Tensor
+    embeds: torch.Tensor
+    weights: torch.Tensor | None
+    num_instance: int
+
+
+@dataclass
+class TrainResult:
+    """Final step, per-step loss history (for dvc plots) and summary metrics."""
+
+    step: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The random stream of one step: independent of how the run was split by interruptions."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def accelerator_for(cfg: TrainConfig, device: torch.device) -> Accelerator:
+    """bf16/fp16 autocast with fp32 master weights on CUDA; plain fp32 on CPU."""
+    mixed = cfg.mixed_precision if device.type == "cuda" else "no"
+    return Accelerator(mixed_precision=mixed, cpu=device.type == "cpu")
+
+
+class DiffusionTrainer:
+    """Trains ``params`` (a named subset of the UNet's parameters, or all of them) on ``data``."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        unet: torch.nn.Module,
+        noise_scheduler: DDPMScheduler,
+        data: TrainingData,
+        params: dict[str, torch.nn.Parameter],
+        store: CheckpointStore,
+        tracker: StageTracker,
+        accelerator: Accelerator,
+        validate_images: Callable[[int], None] | None = None,
+    ) -> None:
+        self.cfg, self.unet, self.scheduler, self.data = cfg, unet, noise_scheduler, data
+        self.params, self.store, self.tracker, self.acc = params, store, tracker, accelerator
+        self.validate_images = validate_images
+        self.device = accelerator.device
+        self.optimizer = make_optimizer(params.values(), cfg, self.device)
+        self.lr_scheduler = make_lr_scheduler(self.optimizer, cfg)
+        self.ema = EMAModel(list(params.values()), decay=cfg.ema_decay) if cfg.use_ema else None
+        self.unet, self.optimizer, self.lr_scheduler = accelerator.prepare(
+            self.unet, self.optimizer, self.lr_scheduler
+        )
+        self.history: list[dict[str, float]] = []
+        self.validation: list[dict[str, float]] = []
+
+    # -- one step -------------------------------------------------------------------------------------------
+    def _batch(self, step: int) -> Batch:
+        """The noisy latents, targets, timesteps and embeddings of one step: instance rows first, then prior."""
+        g = step_generator(self.cfg.seed, step)
+        bs = self.cfg.train_batch_size
+        inst = torch.randint(len(self.data.instance), (bs,), generator=g)
+        parts = [(self.data.instance, inst, self.data.instance_embeds)]
+        if self.data.prior is not None:
+            prior = torch.randint(len(self.data.prior), (bs,), generator=g)
+            parts.append((self.data.prior, prior, self.data.class_embeds))
+        latents, embeds = [], []
+        for cache, idx, emb in parts:
+            latent_noise = torch.randn((bs, *cache.mean.shape[1:]), generator=g).to(self.device)
+            latents.append(cache.sample(idx.to(self.device), latent_noise))
+            embeds.append(emb.expand(bs, -1, -1))
+        x0 = torch.cat(latents)
+        noise = sample_noise(tuple(x0.shape), g, self.cfg.noise_offset).to(self.device)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (x0.shape[0],), generator=g).to(
+            self.device
+        )
+        weights = None
+        if self.data.instance_weights is not None:
+            ones = torch.ones((x0.shape[0] - bs, *self.data.instance_weights.shape[1:]), device=self.device)
+            weights = torch.cat([self.data.instance_weights[inst.to(self.device)], ones])
+        return Batch(
+            noisy=self.scheduler.add_noise(x0, noise, t),
+            target=diffusion_target(self.scheduler, x0, noise, t),
+            timesteps=t,
+            embeds=torch.cat(embeds),
+            weights=weights,
+            num_instance=bs,
+        )
+
+    def _losses(self, step: int) -> dict[str, torch.Tensor]:
+        b = self._batch(step)
+        with self.acc.autocast():
+            pred = self.unet(b.noisy, b.timesteps, b.embeds).sample
+        per_sample = per_sample_mse(pred, b.target, b.weights)
+        per_sample = per_sample * min_snr_weights(self.scheduler, b.timesteps, self.cfg.snr_gamma)
+        instance = per_sample[: b.num_instance].mean()
+        losses = {"instance_loss": instance, "loss": instance}
+        if per_sample.shape[0] > b.num_instance:
+            prior = per_sample[b.num_instance :].mean()
+            losses["prior_loss"] = prior
+            losses["loss"] = instance + self.cfg.prior_loss_weight * prior
+        return losses
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """One optimisation step; raises NonFiniteLossError before touching the weights."""
+        losses = self._losses(step)
+        if not torch.isfinite(losses["loss"]):
+            raise NonFiniteLossError(
+                f"non-finite loss ({losses['loss'].item()}) at step {step + 1}; weights were not updated. "
+                f"Last good checkpoint: {self.store.latest() or 'none'}. Lower the learning rate or check the data."
+            )
+        self.acc.backward(losses["loss"])
+        if self.cfg.max_grad_norm > 0:
+            self.acc.clip_grad_norm_(list(self.params.values()), self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(list(self.params.values()))
+        record = {k: float(v.detach()) for k, v in losses.items()}
+        record["lr"] = float(self.lr_scheduler.get_last_lr()[0])
+        return record
+
+    # -- probes ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def probe_loss(self, cache: LatentCache | None, embeds: torch.Tensor | None) -> float:
+        """Denoising loss with fixed noise and timesteps on up to ``num_probes`` images: comparable across steps."""
+        if cache is None or embeds is None:
+            return math.nan
+        n = min(self.cfg.num_probes, len(cache))
+        g = torch.Generator().manual_seed(self.cfg.seed + 12345)
+        latents = (cache.mean[:n] * cache.scaling_factor).repeat_interleave(PROBE_TIMESTEPS, 0)
+        noise = torch.randn(latents.shape, generator=g).to(self.device)
+        steps = self.scheduler.config.num_train_timesteps
+        t = torch.linspace(steps * 0.05, steps * 0.95, PROBE_TIMESTEPS).long().repeat(n).to(self.device)
+        noisy = self.scheduler.add_noise(latents, noise, t)
+        target = diffusion_target(self.scheduler, latents, noise, t)
+        was_training = self.unet.training
+        self.unet.eval()
+        with self.acc.autocast():
+            pred = self.unet(noisy, t, embeds.expand(latents.shape[0], -1, -1)).sample
+        self.unet.train(was_training)
+        return float(per_sample_mse(pred, target).mean())
+
+    def probes(self) -> dict[str, float]:
+        """Instance (held-out or fixed) and class probe losses."""
+        d = self.data
+        return {
+            "val_loss": self.probe_loss(d.holdout or d.instance, d.instance_embeds),
+            "class_probe_loss": self.probe_loss(d.class_probe, d.class_embeds),
+        }
+
+    # -- checkpoints ----------------------------------------------------------------------------------------
+    def _save(self, step: int) -> None:
+        extra = {"history": self.history, "validation": self.validation}
+        state = CheckpointState(
+            step=step,
+            tensors={name: p.detach() for name, p in self.params.items()},
+            optimizer=self.optimizer.state_dict(),
+            lr_scheduler=self.lr_scheduler.state_dict(),
+            extra=extra,
+        )
+        if self.ema is not None:
+            state.tensors.update({f"__ema__.{i}": t for i, t in enumerate(self.ema.shadow_params)})
+        path = self.store.save(state)
+        log.info("checkpoint saved: %s", path)
+
+    def _resume(self) -> int:
+        self.store.discard_stale()
+        latest = self.store.latest()
+        if latest is None:
+            return 0
+        state = CheckpointStore.load(latest)
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(state.tensors[name].to(p.device, p.dtype))
+        self.optimizer.load_state_dict(state.optimizer)
+        self.lr_scheduler.load_state_dict(state.lr_scheduler)
+        if self.ema is not None:
+            for i, shadow in enumerate(self.ema.shadow_params):
+                shadow.copy_(state.tensors[f"__ema__.{i}"].to(shadow.device))
+            self.ema.optimization_step = state.step
+        self.history = state.extra["history"]
+        self.validation = state.extra["validation"]
+        log.info("resuming from %s (step %d of %d)", latest, state.step, self.cfg.max_train_steps)
+        return state.step
+
+    # -- the loop -------------------------------------------------------------------------------------------
+    def _validate(self, step: int) -> None:
+        record = {"step": step, **self.probes()}
+        self.validation.append(record)
+        self.tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, step=step)
+        if self.validate_images is not None:
+            self.validate_images(step)
+
+    def run(self) -> TrainResult:
+        """Train to ``max_train_steps`` (resuming if a checkpoint of this config exists)."""
+        start = self._resume()
+        if start == 0:
+            self._validate(0)
+        self.unet.train()
+        total = self.cfg.max_train_steps
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        bar = tqdm(range(start, total), initial=start, total=total, desc="train", unit="step")
+        for step in bar:
+            record = self.train_step(step)
+            done = step + 1
+            self.history.append({"step": done, **record})
+            self.tracker.log_metrics(record, step=done)
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if done % self.cfg.validation_steps == 0 or done == total:
+                self._validate(done)
+            if done % self.cfg.checkpointing_steps == 0 or done == total:
+                self._save(done)
+        elapsed = time.perf_counter() - t0
+        if self.ema is not None:
+            self.ema.copy_to(list(self.params.values()))
+        return TrainResult(step=total, history=self.history, metrics=self._summary(total - start, elapsed))
+
+    def _summary(self, steps_run: int, elapsed: float) -> dict[str, float]:
+        tail = self.history[-10:]
+        metrics = (
+            {k: sum(h[k] for h in tail) / len(tail) for k in tail[0] if k not in ("step", "lr")}
+            if tail
+            else {}
+        )
+        first, last = self.validation[0], self.validation[-1]
+        best = min((v for v in self.validation if v["step"] > 0), key=lambda v: v["val_loss"], default=last)
+        metrics.update(
+            steps=float(len(self.history)),
+            steps_run=float(steps_run),
+            steps_per_s=steps_run / elapsed if elapsed > 0 else 0.0,
+            val_loss_start=first["val_loss"],
+            val_loss=last["val_loss"],
+            best_val_loss=best["val_loss"],
+            best_val_step=float(best["step"]),
+            class_probe_loss_start=first["class_probe_loss"],
+            class_probe_loss=last["class_probe_loss"],
+            peak_memory_mb=peak_memory_mb(self.device),
+        )
+        return metrics
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA allocation, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,111 @@
+"""Stage `lora`: a LoRA adapter of one rank on the DreamBooth UNet's attention projections (PEFT).
+
+Writes ``pytorch_lora_weights.safetensors`` that plain diffusers loads with ``pipe.load_lora_weights(folder)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig as PeftLoraConfig
+from peft.utils import get_peft_model_state_dict
+
+from stages.lib.checkpoints import hash_files
+from stages.lib.cli import StageError, stage_main
+from stages.lib.config import to_flat_dict
+from stages.lib.finetune import FinetunePaths, finetune, place_frozen_modules
+from stages.lib.models import load_pipeline, resolve_device
+from stages.lib.outputs import atomic_dir
+from stages.lib.schema import LoraConfig, PipelineConfig
+from stages.lib.tracking import stage_run
+
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def peft_config(cfg: LoraConfig, rank: int) -> PeftLoraConfig:
+    """PEFT LoRA on the UNet attention projections; alpha defaults to the rank."""
+    return PeftLoraConfig(
+        r=rank,
+        lora_alpha=cfg.alpha or rank,
+        init_lora_weights="gaussian",
+        target_modules=list(cfg.target_modules),
+    )
+
+
+def featured_lora_dir(cfg: LoraConfig, lora_root: Path) -> Path:
+    """The adapter that downstream stages feature (``lora.rank``); it must be one of ``lora.ranks``."""
+    if cfg.rank not in cfg.ranks:
+        wanted = sorted({*cfg.ranks, cfg.rank})
+        raise StageError(
+            f"lora.rank={cfg.rank} is not trained (lora.ranks={list(cfg.ranks)}). "
+            f"Add it: dvc exp run -S 'lora.ranks=[{','.join(map(str, wanted))}]' -S lora.rank={cfg.rank}"
+        )
+    return lora_root / f"r{cfg.rank}"
+
+
+def run(
+    cfg: PipelineConfig, rank: int, dreambooth_dir: Path, out_dir: Path, paths: FinetunePaths
+) -> dict[str, float]:
+    """Train one adapter of ``rank`` and save it in diffusers' LoRA format."""
+    if rank not in cfg.lora.ranks:
+        raise StageError(f"--rank {rank} is not in lora.ranks={list(cfg.lora.ranks)}")
+    train = cfg.lora.train
+    if train.train_text_encoder:
+        raise StageError("lora.train.train_text_encoder=true is not supported: LoRA trains the UNet only")
+    pipe = load_pipeline(dreambooth_dir)
+    place_frozen_modules(pipe, train, resolve_device(cfg.compute))
+    pipe.unet.requires_grad_(False)
+    pipe.unet.add_adapter(peft_config(cfg.lora, rank))
+    params = {n: p for n, p in pipe.unet.named_parameters() if p.requires_grad}
+    flat = {
+        **to_flat_dict(train, "lora.train."),
+        "lora.rank": rank,
+        "lora.alpha": cfg.lora.alpha or rank,
+        "lora.target_modules": ",".join(cfg.lora.target_modules),
+        **to_flat_dict(cfg.data, "data."),
+    }
+    with stage_run(f"lora_r{rank}", cfg.tracking, flat, paths.reports_dir) as tracker:
+        identity = {
+            "rank": rank,
+            "alpha": cfg.lora.alpha,
+            "targets": list(cfg.lora.target_modules),
+            "dreambooth": hash_files([dreambooth_dir]),
+        }
+        result = finetune(f"lora_r{rank}", train, cfg.data, pipe, params, paths, tracker, identity)
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+        with atomic_dir(out_dir) as tmp:
+            StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers, weight_name=WEIGHT_NAME)
+        metrics = {
+            **result.metrics,
+            "rank": float(rank),
+            "lora_params": float(sum(p.numel() for p in params.values())),
+        }
+        tracker.set_final_metrics(metrics)
+    return metrics
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--dreambooth", type=Path, default=Path("models/dreambooth"))
+    parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
+    parser.add_argument("--class-images", type=Path, default=Path("data/class_images"))
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--checkpoints", type=Path, required=True)
+    parser.add_argument("--reports", type=Path, required=True)
+
+
+def _run(cfg: PipelineConfig, a: argparse.Namespace) -> dict[str, float]:
+    return run(
+        cfg, a.rank, a.dreambooth, a.out, FinetunePaths(a.prepared, a.class_images, a.checkpoints, a.reports)
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(__doc__ or "", _add_arguments, _run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

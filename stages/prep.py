@@ -1,0 +1,304 @@
+"""Stage `prep`: birme-style 1:1 crops at ``prep.resolution`` centred on the face (auto focal point).
+
+Reads every file of the input folder (never writes there), rejects corrupt, non-image, too small and duplicate
+files (skipped with a warning, or the stage stops, per ``prep.on_bad_input``), and writes
+``<index:03d>_<stem>.<prep.image_format>`` crops plus ``manifest.json`` into the output folder atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageDraw, UnidentifiedImageError
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from stages.lib.cli import StageError, stage_main
+from stages.lib.config import ConfigError, to_flat_dict
+from stages.lib.faces import focal_crop
+from stages.lib.images import make_grid, save_image, to_rgb
+from stages.lib.outputs import atomic_dir
+from stages.lib.schema import PipelineConfig, PrepConfig
+from stages.lib.tracking import stage_run
+
+log = logging.getLogger("stages.prep")
+
+MANIFEST = "manifest.json"
+CONTACT_SHEET = "contact_sheet.png"
+ACCEPTED_FORMATS = {"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF"}  # MPO: multi-picture JPEGs from phones
+SAVE_OPTIONS = {
+    "png": {"format": "PNG"},
+    "jpg": {"format": "JPEG", "quality": 95},
+    "webp": {"format": "WEBP", "lossless": True},
+}
+METHODS = ("face", "saliency", "center")
+REASONS = ("corrupt", "not_an_image", "unsupported_format", "too_small", "duplicate")
+THUMB = 128
+
+
+class BadInput(Exception):
+    """One input file is unusable; ``reason`` is one of ``REASONS``."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason, self.message = reason, message
+
+
+@dataclass
+class Rejection:
+    """A skipped input file."""
+
+    file: str
+    reason: str
+    message: str
+
+
+@dataclass
+class ManifestEntry:
+    """One accepted photo; boxes are ``[left, top, right, bottom]``."""
+
+    output: str  # crop file name in the output folder
+    source: str  # input file name
+    sha256: str  # of the file bytes
+    pixel_sha256: str  # of the decoded RGB pixels (after EXIF orientation)
+    original_size: list[int]  # [width, height] after EXIF orientation
+    crop_box: list[int]  # in original pixels
+    method: str  # face | saliency | center
+    face_box: list[int] | None  # in original pixels
+    face_box_output: list[int] | None  # in the output crop's pixels (resolution x resolution)
+
+
+@dataclass
+class Manifest:
+    """``manifest.json``: what prep accepted and rejected."""
+
+    resolution: int
+    images: list[ManifestEntry] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def read(cls, path: Path) -> Manifest:
+        data = json.loads(Path(path).read_text())
+        return cls(
+            data["resolution"],
+            [ManifestEntry(**e) for e in data["images"]],
+            [Rejection(**r) for r in data["rejected"]],
+        )
+
+    def metrics(self) -> dict[str, int]:
+        """Counts for metrics.json: inputs, accepted, rejected (per reason) and focal-point methods."""
+        counts = {"num_input": len(self.images) + len(self.rejected), "num_accepted": len(self.images)}
+        counts["num_rejected"] = len(self.rejected)
+        counts |= {f"num_{m}": sum(e.method == m for e in self.images) for m in METHODS}
+        return counts | {f"num_rejected_{r}": sum(x.reason == r for x in self.rejected) for r in REASONS}
+
+
+@dataclass
+class Photo:
+    """A decoded input file."""
+
+    path: Path
+    sha256: str
+    pixel_sha256: str
+    image: Image.Image  # RGB, upright
+
+
+def check_config(prep: PrepConfig) -> None:
+    """Reject prep settings the stage cannot honour, naming the key and the fix."""
+    problems = {
+        "resolution": prep.resolution >= 8 or "must be at least 8",
+        "on_bad_input": prep.on_bad_input in ("skip", "fail") or "must be 'skip' or 'fail'",
+        "face_padding": prep.face_padding >= 1.0 or "must be >= 1.0 (1.0 crops tight on the face)",
+        "min_face_fraction": 0 <= prep.min_face_fraction < 1 or "must be in [0, 1)",
+        "image_format": prep.image_format in SAVE_OPTIONS or f"must be one of {', '.join(SAVE_OPTIONS)}",
+        "contact_sheet_columns": prep.contact_sheet_columns >= 1 or "must be at least 1",
+    }
+    for key, ok in problems.items():
+        if ok is not True:
+            raise ConfigError(f"prep.{key}={getattr(prep, key)!r}: {ok}.")
+
+
+def decode(data: bytes, name: str) -> Image.Image:
+    """Decode image bytes to upright RGB, raising BadInput for anything unusable."""
+    if not data:
+        raise BadInput("corrupt", "empty file (0 bytes)")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        hint = "; export HEIC/HEIF photos as JPEG" if name.lower().endswith((".heic", ".heif")) else ""
+        raise BadInput(
+            "not_an_image", f"not an image: the content is not JPEG, PNG or WebP data{hint}"
+        ) from None
+    except Image.DecompressionBombError as err:
+        raise BadInput("unsupported_format", f"image too large to decode safely ({err})") from None
+    if image.format not in ACCEPTED_FORMATS:
+        raise BadInput(
+            "unsupported_format", f"{image.format} images are not supported; use JPEG, PNG or WebP"
+        )
+    try:
+        image.load()
+        return to_rgb(image)
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for damaged data
+        raise BadInput("corrupt", f"corrupt or truncated image ({err})") from None
+
+
+def load_photo(path: Path, prep: PrepConfig) -> Photo:
+    """Read one file (read-only), decode it upright as RGB and check its size."""
+    data = path.read_bytes()
+    image = decode(data, path.name)
+    if min(image.size) < prep.resolution and not prep.allow_upscale:
+        raise BadInput(
+            "too_small",
+            f"too small: {image.width}x{image.height} px, the short side must be at least "
+            f"prep.resolution={prep.resolution} px (or set prep.allow_upscale=true)",
+        )
+    pixels = hashlib.sha256(f"{image.width}x{image.height}".encode() + image.tobytes()).hexdigest()
+    return Photo(path, hashlib.sha256(data).hexdigest(), pixels, image)
+
+
+def check_duplicate(photo: Photo, seen: dict[str, str]) -> None:
+    """BadInput if the file bytes or decoded pixels equal those of an earlier accepted file."""
+    for key, what in ((photo.sha256, "identical file"), (photo.pixel_sha256, "identical pixels")):
+        if key in seen:
+            raise BadInput("duplicate", f"duplicate of {seen[key]} ({what})")
+
+
+def crop_photo(photo: Photo, index: int, prep: PrepConfig) -> tuple[Image.Image, ManifestEntry]:
+    """The square focal-point crop at ``prep.resolution`` and its manifest entry."""
+    focal = focal_crop(
+        photo.image, prep.face_padding, prep.min_face_fraction, 0 if prep.allow_upscale else prep.resolution
+    )
+    size = (prep.resolution, prep.resolution)
+    crop = photo.image.crop(focal.box.as_list()).resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    face = focal.face
+    entry = ManifestEntry(
+        output=f"{index:03d}_{photo.path.stem}.{prep.image_format}",
+        source=photo.path.name,
+        sha256=photo.sha256,
+        pixel_sha256=photo.pixel_sha256,
+        original_size=list(photo.image.size),
+        crop_box=focal.box.as_list(),
+        method=focal.method,
+        face_box=face.as_list() if face else None,
+        face_box_output=face.in_crop(focal.box, prep.resolution).as_list() if face else None,
+    )
+    return crop, entry
+
+
+def thumbnail(crop: Image.Image, entry: ManifestEntry) -> Image.Image:
+    """A contact-sheet cell: the crop with its face box outlined."""
+    thumb = crop.resize((THUMB, THUMB), Image.Resampling.BICUBIC)
+    if entry.face_box_output:
+        scale = THUMB / crop.width
+        ImageDraw.Draw(thumb).rectangle(
+            [round(v * scale) for v in entry.face_box_output], outline=(0, 255, 0)
+        )
+    return thumb
+
+
+def input_files(input_dir: Path, output_dir: Path) -> list[Path]:
+    """The files to examine (hidden files ignored), or StageError saying what to do."""
+    where = (
+        "put photos of one subject there, or use another folder: dvc exp run -S data.instance_dir=<folder>"
+    )
+    if not input_dir.is_dir():
+        raise StageError(f"input folder {input_dir} does not exist or is not a folder: {where}")
+    inp, out = input_dir.resolve(), output_dir.resolve()
+    if inp == out or inp in out.parents or out in inp.parents:
+        raise StageError(f"output folder {output_dir} overlaps the input folder {input_dir}: choose another")
+    files = sorted(p for p in input_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise StageError(f"input folder {input_dir} is empty: {where}")
+    return files
+
+
+def reject(manifest: Manifest, path: Path, bad: BadInput, prep: PrepConfig) -> None:
+    """Record a bad file and warn (skip mode) or stop the stage (fail mode)."""
+    if prep.on_bad_input == "fail":
+        raise StageError(f"{path}: {bad.message}. Fix or remove the file, or set prep.on_bad_input=skip")
+    log.warning("skipping %s: %s", path, bad.message)
+    manifest.rejected.append(Rejection(path.name, bad.reason, bad.message))
+
+
+def no_usable_images(input_dir: Path, manifest: Manifest, prep: PrepConfig) -> StageError:
+    """The error for a folder with files but none usable, listing each rejected file and why."""
+    lines = "".join(f"\n  - {r.file}: {r.message}" for r in manifest.rejected)
+    return StageError(
+        f"no usable images in {input_dir}: put JPEG/PNG/WebP photos of one subject (short side >= "
+        f"{prep.resolution} px) there, or use another folder: dvc exp run -S data.instance_dir=<folder>. "
+        f"Rejected files:{lines}"
+    )
+
+
+def process(files: list[Path], prep: PrepConfig, out_dir: Path) -> tuple[Manifest, list[Image.Image]]:
+    """Crop every usable file into ``out_dir``; returns the manifest and contact-sheet thumbnails."""
+    manifest, thumbs, seen = Manifest(prep.resolution), [], {}
+    with logging_redirect_tqdm():
+        for path in tqdm(files, desc="prep", unit="file"):
+            try:
+                photo = load_photo(path, prep)
+                check_duplicate(photo, seen)
+            except BadInput as bad:
+                reject(manifest, path, bad, prep)
+                continue
+            seen |= {photo.sha256: path.name, photo.pixel_sha256: path.name}
+            crop, entry = crop_photo(photo, len(manifest.images), prep)
+            crop.save(out_dir / entry.output, **SAVE_OPTIONS[prep.image_format])
+            manifest.images.append(entry)
+            thumbs.append(thumbnail(crop, entry))
+    return manifest, thumbs
+
+
+def run(cfg: PipelineConfig, input_dir: Path, output_dir: Path, reports_dir: Path) -> dict[str, int]:
+    """Crop the photos of ``input_dir`` into ``output_dir``; returns the metrics."""
+    prep = cfg.prep
+    check_config(prep)
+    input_dir, output_dir, reports_dir = Path(input_dir), Path(output_dir), Path(reports_dir)
+    files = input_files(input_dir, output_dir)
+    params = to_flat_dict(prep, "prep.") | to_flat_dict(cfg.data, "data.")
+    with stage_run("prep", cfg.tracking, params, reports_dir) as tracker:
+        with atomic_dir(output_dir) as tmp:
+            manifest, thumbs = process(files, prep, tmp)
+            if not manifest.images:
+                raise no_usable_images(input_dir, manifest, prep)
+            manifest.write(tmp / MANIFEST)
+        labels = [f"{i:03d} {e.method}" for i, e in enumerate(manifest.images)]
+        sheet = make_grid(thumbs, prep.contact_sheet_columns, labels, cell=THUMB)
+        save_image(sheet, reports_dir / CONTACT_SHEET)
+        tracker.log_image(sheet, f"prep/{CONTACT_SHEET}")
+        tracker.log_artifact(output_dir / MANIFEST, "prep")
+        metrics = manifest.metrics()
+        tracker.set_final_metrics(metrics)
+    return metrics
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: ``python -m stages.prep --input DIR --output DIR --reports DIR``."""
+
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--input", type=Path, required=True, help="photo folder (data.instance_dir)")
+        parser.add_argument(
+            "--output", type=Path, required=True, help="folder for the crops and manifest.json"
+        )
+        parser.add_argument(
+            "--reports", type=Path, required=True, help="folder for metrics.json and the contact sheet"
+        )
+
+    def run_args(cfg: PipelineConfig, args: argparse.Namespace) -> object:
+        return run(cfg, args.input, args.output, args.reports)
+
+    return stage_main(__doc__.splitlines()[0], add_arguments, run_args, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,32 @@
+"""Shared fixtures: the tiny profile composed into a temporary folder, tracking pointed at a temporary store."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from stages.compose import compose
+from stages.lib.config import load_config
+from stages.lib.schema import PipelineConfig
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+@pytest.fixture
+def tiny_params(tmp_path: Path) -> Path:
+    """params.yaml of the tiny profile, composed from conf/ like DVC does."""
+    return compose(tmp_path / "params.yaml", [], root=PROJECT_ROOT)
+
+
+@pytest.fixture
+def tiny_cfg(tiny_params: Path, tmp_path: Path) -> PipelineConfig:
+    """The tiny configuration with MLflow tracking into a temporary SQLite store."""
+    cfg = load_config(tiny_params)
+    cfg.tracking.uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return cfg

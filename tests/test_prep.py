@@ -1,0 +1,330 @@
+"""The prep stage: focal-point crops, input formats, bad inputs, atomic outputs (stages/prep.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image
+
+from stages.lib.cli import StageError
+from stages.lib.config import ConfigError
+from stages.lib.faces import Box
+from stages.lib.schema import PipelineConfig
+from stages.prep import MANIFEST, Manifest, main, run
+from stages.sample_subject import save_photo
+from tests.test_faces import face_scene, object_scene
+
+RES = 64
+
+
+@pytest.fixture
+def cfg() -> PipelineConfig:
+    """Seed defaults at the tiny resolution, tracking off."""
+    config = PipelineConfig()
+    config.tracking.enabled = False
+    config.prep.resolution = RES
+    return config
+
+
+def noise(seed: int, size: tuple[int, int] = (120, 90)) -> Image.Image:
+    """A distinct random RGB photo."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def encoded(image: Image.Image, fmt: str, **kw: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kw)
+    return buffer.getvalue()
+
+
+def write(folder: Path, name: str, data: bytes) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes(data)
+    return folder / name
+
+
+def digest(folder: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file under ``folder``."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in folder.rglob("*")
+        if p.is_file()
+    }
+
+
+def prep(cfg: PipelineConfig, inp: Path, tmp_path: Path) -> tuple[dict[str, int], Manifest]:
+    metrics = run(cfg, inp, tmp_path / "out", tmp_path / "reports")
+    return metrics, Manifest.read(tmp_path / "out" / MANIFEST)
+
+
+BAD_FILES: dict[str, tuple[str, str]] = {  # name -> (reason code, words of the message)
+    "corrupt.jpg": ("corrupt", "corrupt or truncated"),
+    "empty.png": ("corrupt", "empty file"),
+    "text.jpg": ("not_an_image", "not an image"),
+    "notes.txt": ("not_an_image", "not an image"),
+    "small.png": ("too_small", "too small: 40x30 px"),
+    "same_file.jpg": ("duplicate", "duplicate of good.jpg (identical file)"),
+    "same_pixels.png": ("duplicate", "duplicate of good2.png (identical pixels)"),
+}
+
+
+def make_bad(folder: Path, name: str) -> Path:
+    """Write the bad file ``name`` (see BAD_FILES) next to the good files it may refer to."""
+    good = encoded(noise(1), "JPEG", quality=90)
+    data = {
+        "corrupt.jpg": good[: len(good) // 2],
+        "empty.png": b"",
+        "text.jpg": b"this is a text file, not a JPEG\n",
+        "notes.txt": b"some notes\n",
+        "small.png": encoded(noise(9, (40, 30)), "PNG"),
+        "same_file.jpg": good,
+        "same_pixels.png": encoded(noise(2), "PNG", compress_level=1),
+    }[name]
+    return write(folder, name, data)
+
+
+def make_good(folder: Path) -> None:
+    write(folder, "good.jpg", encoded(noise(1), "JPEG", quality=90))
+    write(folder, "good2.png", encoded(noise(2), "PNG", compress_level=9))
+
+
+def test_face_photo_is_cropped_on_the_face(cfg: PipelineConfig, tmp_path: Path) -> None:
+    image, face = face_scene()
+    write(tmp_path / "in", "portrait.jpg", encoded(image, "JPEG", quality=95))
+    metrics, manifest = prep(cfg, tmp_path / "in", tmp_path)
+    entry = manifest.images[0]
+    assert (metrics["num_face"], metrics["num_accepted"], entry.method) == (1, 1, "face")
+    crop = Box(*entry.crop_box)
+    assert crop.contains(face) and np.allclose(crop.center, face.center, atol=8)
+    out = Box(*entry.face_box_output)
+    assert Box(0, 0, RES, RES).contains(out) and np.allclose(out.center, (RES / 2, RES / 2), atol=3)
+    with Image.open(tmp_path / "out" / entry.output) as saved:
+        assert (saved.mode, saved.size) == ("RGB", (RES, RES))
+    assert entry.output == "000_portrait.png" and entry.original_size == [900, 600]
+
+
+def test_saliency_crop_and_reports(cfg: PipelineConfig, tmp_path: Path) -> None:
+    image, disc = object_scene()
+    write(tmp_path / "in", "object.png", encoded(image, "PNG"))
+    metrics, manifest = prep(cfg, tmp_path / "in", tmp_path)
+    assert metrics["num_saliency"] == 1 and manifest.images[0].face_box_output is None
+    assert Box(*manifest.images[0].crop_box).contains(disc)
+    assert (tmp_path / "reports" / "contact_sheet.png").is_file()
+    assert (tmp_path / "reports" / "metrics.json").is_file()
+
+
+def test_exif_orientation_is_applied(cfg: PipelineConfig, tmp_path: Path) -> None:
+    image, _ = face_scene(size=(500, 360), at=(300, 150))
+    (tmp_path / "in").mkdir()
+    for orientation in range(1, 9):
+        save_photo(image, tmp_path / "in" / f"o{orientation}.jpg", orientation)
+    _, manifest = prep(cfg, tmp_path / "in", tmp_path)
+    assert len(manifest.images) == 8
+    for entry in manifest.images:
+        assert entry.original_size == [500, 360], entry.source
+        assert entry.method == "face", entry.source  # a sideways face is not detected
+
+
+QUADRANTS = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (230, 220, 30)]  # TL, TR, BL, BR
+
+
+def quadrant_image(size: int = 100) -> Image.Image:
+    image = Image.new("RGB", (size, size))
+    half = size // 2
+    for i, colour in enumerate(QUADRANTS):
+        image.paste(colour, ((i % 2) * half, (i // 2) * half, (i % 2 + 1) * half, (i // 2 + 1) * half))
+    return image
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_pixels(cfg: PipelineConfig, tmp_path: Path, orientation: int) -> None:
+    (tmp_path / "in").mkdir()
+    save_photo(quadrant_image(), tmp_path / "in" / "q.jpg", orientation, quality=95)
+    _, manifest = prep(cfg, tmp_path / "in", tmp_path)
+    out = np.asarray(Image.open(tmp_path / "out" / manifest.images[0].output), dtype=int)
+    for i, colour in enumerate(QUADRANTS):
+        x, y = (i % 2) * RES // 2 + RES // 4, (i // 2) * RES // 2 + RES // 4
+        assert np.abs(out[y, x] - colour).max() < 40, (orientation, i, out[y, x])
+
+
+def mode_samples() -> dict[str, tuple[bytes, tuple[int, int, int]]]:
+    """File name -> (encoded image in an unusual mode, the RGB it must become)."""
+    rgba = Image.new("RGBA", (80, 80), (255, 0, 0, 0))  # fully transparent -> white
+    cmyk = Image.new("CMYK", (80, 80), (255, 0, 0, 0))  # cyan
+    i16 = Image.fromarray(np.full((80, 80), 32768, dtype=np.uint16))
+    palette = Image.new("RGB", (80, 80), (10, 200, 10)).convert("P", palette=Image.Palette.ADAPTIVE)
+    return {
+        "rgba.png": (encoded(rgba, "PNG"), (255, 255, 255)),
+        "gray.png": (encoded(Image.new("L", (80, 80), 100), "PNG"), (100, 100, 100)),
+        "cmyk.jpg": (encoded(cmyk, "JPEG", quality=95), (0, 255, 255)),
+        "i16.png": (encoded(i16, "PNG"), (128, 128, 128)),
+        "palette.png": (encoded(palette, "PNG"), (10, 200, 10)),
+        "photo.webp": (
+            encoded(Image.new("RGB", (80, 80), (40, 60, 200)), "WEBP", lossless=True),
+            (40, 60, 200),
+        ),
+    }
+
+
+def test_modes_become_rgb_squares(cfg: PipelineConfig, tmp_path: Path) -> None:
+    samples = mode_samples()
+    for name, (data, _) in samples.items():
+        write(tmp_path / "in", name, data)
+    metrics, manifest = prep(cfg, tmp_path / "in", tmp_path)
+    assert metrics["num_accepted"] == len(samples)
+    for entry in manifest.images:
+        with Image.open(tmp_path / "out" / entry.output) as saved:
+            assert (saved.mode, saved.size) == ("RGB", (RES, RES)), entry.source
+            pixel = np.asarray(saved)[RES // 2, RES // 2]
+        assert np.abs(pixel.astype(int) - samples[entry.source][1]).max() <= 3, (entry.source, pixel)
+
+
+def test_bad_inputs_are_skipped_and_reported(
+    cfg: PipelineConfig, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    make_good(tmp_path / "in")
+    for name in BAD_FILES:
+        make_bad(tmp_path / "in", name)
+    before = digest(tmp_path / "in")
+    with caplog.at_level(logging.WARNING):
+        metrics, manifest = prep(cfg, tmp_path / "in", tmp_path)
+    assert digest(tmp_path / "in") == before  # the input folder is never modified
+    assert [e.source for e in manifest.images] == ["good.jpg", "good2.png"]
+    rejected = {r.file: r for r in manifest.rejected}
+    assert set(rejected) == set(BAD_FILES)
+    for name, (reason, words) in BAD_FILES.items():
+        assert rejected[name].reason == reason and words in rejected[name].message
+        assert any(name in line and words in line for line in caplog.messages), name
+    assert metrics["num_input"] == 2 + len(BAD_FILES) and metrics["num_rejected"] == len(BAD_FILES)
+    assert (metrics["num_rejected_duplicate"], metrics["num_rejected_not_an_image"]) == (2, 2)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["000_good.png", "001_good2.png", MANIFEST]
+
+
+@pytest.mark.parametrize("name", list(BAD_FILES))
+def test_bad_input_stops_the_stage_in_fail_mode(cfg: PipelineConfig, tmp_path: Path, name: str) -> None:
+    cfg.prep.on_bad_input = "fail"
+    make_good(tmp_path / "in")
+    make_bad(tmp_path / "in", name)
+    with pytest.raises(StageError, match="prep.on_bad_input=skip") as err:
+        prep(cfg, tmp_path / "in", tmp_path)
+    assert name in str(err.value) and BAD_FILES[name][1] in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_allow_upscale_accepts_small_images(cfg: PipelineConfig, tmp_path: Path) -> None:
+    cfg.prep.allow_upscale = True
+    make_bad(tmp_path / "in", "small.png")
+    metrics, manifest = prep(cfg, tmp_path / "in", tmp_path)
+    box = Box(*manifest.images[0].crop_box)
+    assert metrics["num_accepted"] == 1 and box.width == box.height == 30  # upscaled to RES
+
+
+@pytest.mark.parametrize("mode", ["skip", "fail"])
+def test_no_usable_images_lists_every_rejected_file(cfg: PipelineConfig, tmp_path: Path, mode: str) -> None:
+    cfg.prep.on_bad_input = mode
+    for name in ("notes.txt", "small.png"):
+        make_bad(tmp_path / "in", name)
+    with pytest.raises(StageError) as err:
+        prep(cfg, tmp_path / "in", tmp_path)
+    message = str(err.value)
+    if mode == "skip":
+        assert "no usable images" in message and "data.instance_dir" in message
+        assert "notes.txt: not an image" in message and "small.png: too small" in message
+    else:
+        assert "notes.txt" in message and "not an image" in message
+
+
+@pytest.mark.parametrize("mode", ["skip", "fail"])
+@pytest.mark.parametrize(("folder", "words"), [("missing", "does not exist"), ("empty", "is empty")])
+def test_missing_or_empty_folder(
+    cfg: PipelineConfig, tmp_path: Path, mode: str, folder: str, words: str
+) -> None:
+    cfg.prep.on_bad_input = mode
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / ".DS_Store").write_bytes(b"\0")  # hidden files do not count
+    with pytest.raises(StageError, match=words) as err:
+        prep(cfg, tmp_path / folder, tmp_path)
+    assert str(tmp_path / folder) in str(err.value) and "data.instance_dir" in str(err.value)
+
+
+def test_failed_run_keeps_the_previous_output(cfg: PipelineConfig, tmp_path: Path) -> None:
+    make_good(tmp_path / "in")
+    prep(cfg, tmp_path / "in", tmp_path)
+    before = digest(tmp_path / "out")
+    cfg.prep.on_bad_input = "fail"
+    make_bad(tmp_path / "in", "corrupt.jpg")
+    with pytest.raises(StageError, match="corrupt.jpg"):
+        prep(cfg, tmp_path / "in", tmp_path)
+    assert digest(tmp_path / "out") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out", "reports"]  # no temporary folder left
+
+
+def test_output_inside_input_is_refused(cfg: PipelineConfig, tmp_path: Path) -> None:
+    make_good(tmp_path / "in")
+    with pytest.raises(StageError, match="overlaps the input folder"):
+        run(cfg, tmp_path / "in", tmp_path / "in" / "out", tmp_path / "reports")
+
+
+def test_invalid_prep_config_names_the_key(cfg: PipelineConfig, tmp_path: Path) -> None:
+    cfg.prep.on_bad_input = "ignore"
+    with pytest.raises(ConfigError, match="prep.on_bad_input='ignore'"):
+        prep(cfg, tmp_path, tmp_path)
+
+
+def write_params(cfg: PipelineConfig, path: Path) -> Path:
+    OmegaConf.save(OmegaConf.structured(cfg), path)
+    return path
+
+
+def test_cli(cfg: PipelineConfig, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    params = write_params(cfg, tmp_path / "params.yaml")
+    args = ["--params", str(params), "--output", str(tmp_path / "out"), "--reports", str(tmp_path / "rep")]
+    assert main([*args, "--input", str(tmp_path / "nope")]) == 2
+    assert "error: input folder" in capsys.readouterr().err
+    make_good(tmp_path / "in")
+    assert main([*args, "--input", str(tmp_path / "in")]) == 0
+    assert (tmp_path / "out" / "000_good.png").is_file()
+
+
+class RecordingTracker:
+    """Stands in for the MLflow tracker: records what the stage logs."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, object] = {}
+
+    def log_image(self, image: Image.Image, artifact_file: str) -> None:
+        self.calls[artifact_file] = image.size
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.calls[f"{artifact_path}/{Path(path).name}"] = Path(path).is_file()
+
+    def set_final_metrics(self, metrics: dict[str, int]) -> None:
+        self.calls["metrics"] = metrics
+
+
+def test_tracking_calls(cfg: PipelineConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tracker, seen = RecordingTracker(), {}
+
+    @contextmanager
+    def fake_stage_run(
+        stage: str, tracking: object, params: dict, reports_dir: Path
+    ) -> Iterator[RecordingTracker]:
+        seen.update(stage=stage, params=params)
+        yield tracker
+
+    monkeypatch.setattr("stages.prep.stage_run", fake_stage_run)
+    make_good(tmp_path / "in")
+    metrics, _ = prep(cfg, tmp_path / "in", tmp_path)
+    assert seen["stage"] == "prep" and seen["params"]["prep.resolution"] == RES
+    assert "data.instance_dir" in seen["params"]
+    assert tracker.calls["prep/contact_sheet.png"] and tracker.calls["prep/manifest.json"] is True
+    assert tracker.calls["metrics"] == metrics

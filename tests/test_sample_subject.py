@@ -1,0 +1,97 @@
+"""The embedded sample subject (stages/sample_subject.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image, ImageOps
+
+from stages import prep, sample_subject
+from stages.lib.config import ConfigError
+from stages.lib.faces import detect_faces
+from stages.lib.schema import PipelineConfig, SampleSubjectConfig
+from stages.sample_subject import EXIF_ORIENTATION_TAG, SUBJECT, draw_face, encode_orientation
+
+NUM = 6
+
+
+@pytest.fixture
+def cfg() -> PipelineConfig:
+    """A small sample subject and the tiny prep resolution, tracking off."""
+    config = PipelineConfig()
+    config.tracking.enabled = False
+    config.prep.resolution = 64
+    config.sample_subject = SampleSubjectConfig(num_images=NUM, min_size=160, max_size=240, seed=7)
+    return config
+
+
+def contents(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_same_seed_gives_identical_bytes(cfg: PipelineConfig, tmp_path: Path) -> None:
+    sample_subject.run(cfg, tmp_path / "a")
+    sample_subject.run(cfg, tmp_path / "b")
+    assert contents(tmp_path / "a") == contents(tmp_path / "b")
+    cfg.sample_subject.seed = 8
+    sample_subject.run(cfg, tmp_path / "c")
+    other = contents(tmp_path / "c")
+    assert other.keys() == contents(tmp_path / "a").keys()
+    assert all(other[k] != v for k, v in contents(tmp_path / "a").items())
+
+
+def test_formats_sizes_and_exif(cfg: PipelineConfig, tmp_path: Path) -> None:
+    paths = sample_subject.run(cfg, tmp_path / "subject")
+    assert len(paths) == NUM and {p.suffix for p in paths} == {".jpg", ".png"}
+    orientations = set()
+    for path in paths:
+        with Image.open(path) as image:
+            orientations.add(image.getexif().get(EXIF_ORIENTATION_TAG, 1))
+            upright = ImageOps.exif_transpose(image)
+        assert all(160 <= side <= 240 for side in upright.size), path.name
+    assert orientations - {1}, "some JPEGs must carry a rotating EXIF orientation"
+
+
+def test_one_consistent_detectable_identity(cfg: PipelineConfig, tmp_path: Path) -> None:
+    head = draw_face(SUBJECT, 100)
+    assert (head.mode, head.size) == ("RGBA", (200, 200))
+    assert head.getpixel((100, 100))[:3] != (0, 0, 0) and head.getpixel((0, 0))[3] == 0
+    found = [
+        detect_faces(ImageOps.exif_transpose(Image.open(p))) for p in sample_subject.run(cfg, tmp_path / "s")
+    ]
+    assert sum(bool(f) for f in found) >= NUM - 1
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_encode_orientation_round_trips(orientation: int) -> None:
+    upright = Image.new("RGB", (4, 2))
+    upright.putpixel((0, 0), (255, 0, 0))
+    stored = encode_orientation(upright, orientation)
+    stored.getexif()[EXIF_ORIENTATION_TAG] = orientation
+    assert list(ImageOps.exif_transpose(stored).getdata()) == list(upright.getdata())
+
+
+def test_passes_through_prep(cfg: PipelineConfig, tmp_path: Path) -> None:
+    sample_subject.run(cfg, tmp_path / "subject")
+    metrics = prep.run(cfg, tmp_path / "subject", tmp_path / "prepared", tmp_path / "reports")
+    assert metrics["num_accepted"] == NUM and metrics["num_rejected"] == 0
+    assert metrics["num_face"] >= NUM - 1
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("num_images", 0), ("min_size", 32), ("max_size", 100)], ids=["count", "min", "max"]
+)
+def test_bad_config_names_the_key(cfg: PipelineConfig, tmp_path: Path, key: str, value: int) -> None:
+    setattr(cfg.sample_subject, key, value)
+    with pytest.raises(ConfigError, match=f"sample_subject.{key}"):
+        sample_subject.run(cfg, tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+
+
+def test_cli(cfg: PipelineConfig, tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    OmegaConf.save(OmegaConf.structured(cfg), params)
+    assert sample_subject.main(["--params", str(params), "--out", str(tmp_path / "out")]) == 0
+    assert len(list((tmp_path / "out").iterdir())) == NUM

@@ -1,0 +1,219 @@
+"""DreamBooth / LoRA training on the tiny default: learning, prior preservation, determinism, resume, LoRA
+loading through diffusers' public API, NaN handling."""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from stages import dreambooth, lora
+from stages.compose import compose
+from stages.lib import losses
+from stages.lib.cli import StageError
+from stages.lib.config import load_config, to_flat_dict
+from stages.lib.subject_metrics import nearest_subject_distance, sample_latents
+from stages.lib.train_data import encode_latents, load_instance_set
+from stages.lib.training import NonFiniteLossError
+
+from .conftest import PROJECT_ROOT
+from .training_fixtures import RES, TinyWorld, build_world
+
+UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> TinyWorld:
+    root = tmp_path_factory.mktemp("world")
+    cfg = load_config(compose(root / "params.yaml", [], root=PROJECT_ROOT))
+    cfg.tracking.uri = f"sqlite:///{root / 'mlflow.db'}"
+    return build_world(cfg, root)
+
+
+@pytest.fixture(scope="module")
+def trained(world: TinyWorld) -> tuple[Path, dict[str, float]]:
+    out = world.root / "models" / "dreambooth"
+    return out, dreambooth.run(world.cfg, world.base_dir, out, world.paths("dreambooth"))
+
+
+def _pipe(folder: Path) -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_dreambooth_output_loads_with_plain_diffusers_and_learned_the_subject(world, trained) -> None:
+    out, metrics = trained
+    assert metrics["val_loss"] < 0.5 * metrics["val_loss_start"], metrics
+    assert metrics["steps"] == world.cfg.dreambooth.max_train_steps
+    assert (out / UNET_WEIGHTS).is_file() and (out / "model_index.json").is_file()
+    subject = encode_latents(_pipe(world.base_dir).vae, load_instance_set(world.prepared, RES)).mean
+    prompt = world.cfg.data.instance_prompt
+    dist = {
+        name: nearest_subject_distance(sample_latents(_pipe(folder), prompt, 4, 10, 0, RES), subject)
+        for name, folder in {"base": world.base_dir, "dreambooth": out}.items()
+    }
+    assert dist["dreambooth"] < 0.7 * dist["base"], dist
+    reports = world.paths("dreambooth").reports_dir
+    assert (reports / "loss.csv").read_text().count("\n") == world.cfg.dreambooth.max_train_steps + 1
+    assert list((reports / "validation").glob("step-*.png"))
+
+
+def test_prior_preservation_keeps_class_loss_lower(world, trained) -> None:
+    _, with_prior = trained
+    cfg = copy.deepcopy(world.cfg)
+    cfg.dreambooth.with_prior_preservation = False
+    without = dreambooth.run(
+        cfg, world.base_dir, world.root / "models" / "db_noprior", world.paths("db_noprior")
+    )
+    # the probe measures the class-prompt denoising loss with fixed noise before and after training
+    assert "prior_loss" not in without
+    assert with_prior["class_probe_loss"] < without["class_probe_loss"], (with_prior, without)
+
+
+def test_same_config_and_seed_give_bit_identical_weights(world, trained) -> None:
+    out, _ = trained
+    again = world.root / "models" / "db_again"
+    dreambooth.run(world.cfg, world.base_dir, again, world.paths("db_again"))
+    a, b = load_file(out / UNET_WEIGHTS), load_file(again / UNET_WEIGHTS)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_kill_minus_9_then_rerun_resumes_and_matches_uninterrupted_run(
+    world, trained, tmp_path: Path
+) -> None:
+    params = tmp_path / "params.yaml"
+    data = yaml.safe_load(compose(params, [], root=PROJECT_ROOT).read_text())
+    data["dreambooth"].update(
+        {
+            k: getattr(world.cfg.dreambooth, k)
+            for k in (
+                "max_train_steps",
+                "checkpointing_steps",
+                "validation_steps",
+                "num_validation_images",
+                "validation_inference_steps",
+                "optimizer",
+            )
+        }
+    )
+    data["tracking"]["enabled"] = False
+    params.write_text(yaml.safe_dump(data))
+    paths = world.paths("db_killed")
+    out = tmp_path / "db_killed"
+    cmd = [
+        sys.executable,
+        "-m",
+        "stages.dreambooth",
+        "--params",
+        str(params),
+        "--base",
+        str(world.base_dir),
+        "--prepared",
+        str(world.prepared),
+        "--class-images",
+        str(world.class_dir),
+        "--out",
+        str(out),
+        "--checkpoints",
+        str(paths.checkpoint_dir),
+        "--reports",
+        str(paths.reports_dir),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(paths.checkpoint_dir.glob("checkpoint-*/complete.json")) and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists(), "killed before the end: no output expected"
+    first = sorted(paths.checkpoint_dir.glob("checkpoint-*"))[0].name
+    assert first != f"checkpoint-{world.cfg.dreambooth.max_train_steps:07d}"
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    metrics = yaml.safe_load((paths.reports_dir / "metrics.json").read_text())
+    assert metrics["steps"] == world.cfg.dreambooth.max_train_steps
+    assert metrics["steps_run"] < world.cfg.dreambooth.max_train_steps, "rerun must resume, not start over"
+    a, b = load_file(trained[0] / UNET_WEIGHTS), load_file(out / UNET_WEIGHTS)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    _pipe(out)  # a valid pipeline
+
+
+def test_lora_param_count_loading_and_scale_zero(world, trained) -> None:
+    db_dir, _ = trained
+    rank = 4
+    out = world.root / "models" / "lora" / f"r{rank}"
+    metrics = lora.run(world.cfg, rank, db_dir, out, world.paths(f"lora_r{rank}"))
+    pipe = _pipe(db_dir)
+    targets = tuple(world.cfg.lora.target_modules)
+    expected = sum(
+        rank * (m.in_features + m.out_features)
+        for name, m in pipe.unet.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.endswith(targets)
+    )
+    assert metrics["lora_params"] == expected
+    saved = load_file(out / lora.WEIGHT_NAME)
+    assert sum(t.numel() for t in saved.values()) == expected
+
+    def sample(**kwargs):
+        return sample_latents_with(pipe, world.cfg.data.instance_prompt, **kwargs)
+
+    before = sample()
+    pipe.load_lora_weights(out)  # diffusers' public API, not the project's loader
+    assert not torch.allclose(sample(), before, atol=1e-4)
+    assert torch.allclose(sample(cross_attention_kwargs={"scale": 0.0}), before, atol=1e-5)
+
+
+def sample_latents_with(pipe: StableDiffusionPipeline, prompt: str, **kwargs) -> torch.Tensor:
+    return pipe(
+        prompt,
+        num_inference_steps=3,
+        height=RES,
+        width=RES,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+        **kwargs,
+    ).images
+
+
+def test_untrained_featured_rank_error_says_how_to_add_it(world) -> None:
+    cfg = copy.deepcopy(world.cfg)
+    cfg.lora.rank = 16
+    with pytest.raises(StageError, match=r"lora\.ranks=\[4,8,16,24\]"):
+        lora.featured_lora_dir(cfg.lora, Path("models/lora"))
+
+
+def test_non_finite_loss_stops_with_clear_message_and_keeps_checkpoint(world, monkeypatch) -> None:
+    real = losses.per_sample_mse
+    calls = {"n": 0}
+
+    def poisoned(pred, target, weights=None):
+        calls["n"] += 1
+        out = real(pred, target, weights)
+        return out * float("nan") if calls["n"] > 15 else out
+
+    monkeypatch.setattr("stages.lib.training.per_sample_mse", poisoned)
+    cfg = copy.deepcopy(world.cfg)
+    cfg.dreambooth.validation_steps = 1000  # keep probes from consuming calls
+    paths = world.paths("db_nan")
+    out = world.root / "models" / "db_nan"
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss .* step 1[0-9].*checkpoint-0000010"):
+        dreambooth.run(cfg, world.base_dir, out, paths)
+    assert (paths.checkpoint_dir / "checkpoint-0000010" / "complete.json").is_file()
+    assert not out.exists()
+
+
+def test_flat_params_are_logged_names() -> None:
+    from stages.lib.schema import TrainConfig
+
+    flat = to_flat_dict(TrainConfig(), "dreambooth.")
+    assert flat["dreambooth.learning_rate"] == 2e-6 and "dreambooth.max_train_steps" in flat

@@ -1,0 +1,71 @@
+"""Small shared builders for the training tests: a tiny base model, a synthetic subject, class images."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from stages import base, class_images
+from stages.lib.finetune import FinetunePaths
+from stages.lib.schema import PipelineConfig
+
+RES = 64
+
+
+@dataclass
+class TinyWorld:
+    cfg: PipelineConfig
+    root: Path
+    base_dir: Path
+    prepared: Path
+    class_dir: Path
+
+    def paths(self, name: str) -> FinetunePaths:
+        return FinetunePaths(
+            self.prepared, self.class_dir, self.root / "ckpt" / name, self.root / "reports" / name
+        )
+
+
+def write_subject(folder: Path, count: int = 6) -> Path:
+    """A distinctive, consistent 'subject': an orange face box on a blue field, slightly shifted per image."""
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i in range(count):
+        a = np.zeros((RES, RES, 3), np.uint8)
+        a[:] = (30, 70, 170)
+        x, y = 16 + (i % 3) * 2, 14 + (i % 2) * 2
+        a[y : y + 34, x : x + 28] = (240, 150, 60)
+        a[y + 10 : y + 14, x + 6 : x + 10] = (20, 20, 20)
+        a[y + 10 : y + 14, x + 18 : x + 22] = (20, 20, 20)
+        Image.fromarray(a).save(folder / f"{i:03d}.png")
+        entries.append({"output": f"{i:03d}.png", "face_box_output": [x, y, x + 28, y + 34]})
+    (folder / "manifest.json").write_text(json.dumps({"resolution": RES, "images": entries}))
+    return folder
+
+
+def tiny_training_cfg(cfg: PipelineConfig, steps: int = 30) -> PipelineConfig:
+    """Shrink the tiny profile further so that each training test takes a few seconds."""
+    for train in (cfg.dreambooth, cfg.lora.train):
+        train.max_train_steps = steps
+        train.checkpointing_steps = 10
+        train.validation_steps = steps
+        train.num_validation_images = 1
+        train.validation_inference_steps = 2
+        train.optimizer = "adamw"
+    cfg.class_images.num_class_images = 6
+    cfg.class_images.num_inference_steps = 3
+    cfg.class_images.sample_batch_size = 3
+    return cfg
+
+
+def build_world(cfg: PipelineConfig, root: Path) -> TinyWorld:
+    tiny_training_cfg(cfg)
+    base_dir = root / "models" / "base"
+    base.run(cfg, base_dir, root / "reports" / "base")
+    class_dir = root / "data" / "class_images"
+    class_images.run(cfg, base_dir, class_dir, root / "reports" / "class_images")
+    return TinyWorld(cfg, root, base_dir, write_subject(root / "data" / "prepared"), class_dir)
