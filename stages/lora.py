@@ -14,8 +14,9 @@ from peft import LoraConfig as PeftLoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from stages.lib.checkpoints import hash_files
-from stages.lib.cli import StageError, stage_main
+from stages.lib.cli import stage_main
 from stages.lib.config import to_flat_dict
+from stages.lib.errors import StageError
 from stages.lib.finetune import FinetunePaths, finetune, place_frozen_modules
 from stages.lib.models import load_pipeline, resolve_device
 from stages.lib.outputs import atomic_dir

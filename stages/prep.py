@@ -20,8 +20,9 @@ from PIL import Image, ImageDraw, UnidentifiedImageError
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from stages.lib.cli import StageError, stage_main
+from stages.lib.cli import stage_main
 from stages.lib.config import ConfigError, to_flat_dict
+from stages.lib.errors import StageError
 from stages.lib.faces import focal_crop
 from stages.lib.images import make_grid, save_image, to_rgb
 from stages.lib.outputs import atomic_dir

@@ -14,8 +14,8 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from stages.lib.cli import StageError
 from stages.lib.config import ConfigError
+from stages.lib.errors import StageError
 from stages.lib.faces import Box
 from stages.lib.schema import PipelineConfig
 from stages.prep import MANIFEST, Manifest, main, run

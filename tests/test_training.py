@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 from stages import dreambooth, lora
 from stages.compose import compose
 from stages.lib import losses
-from stages.lib.cli import StageError
 from stages.lib.config import load_config, to_flat_dict
+from stages.lib.errors import StageError
 from stages.lib.subject_metrics import nearest_subject_distance, sample_latents
 from stages.lib.train_data import encode_latents, load_instance_set
 from stages.lib.training import NonFiniteLossError
@@ -77,7 +77,7 @@ def test_prior_preservation_keeps_class_loss_lower(world, trained) -> None:
         cfg, world.base_dir, world.root / "models" / "db_noprior", world.paths("db_noprior")
     )
     # the probe measures the class-prompt denoising loss with fixed noise before and after training
-    assert "prior_loss" not in without
+    assert "final_prior_loss" not in without
     assert with_prior["class_probe_loss"] < without["class_probe_loss"], (with_prior, without)
 
 

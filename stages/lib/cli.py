@@ -8,11 +8,8 @@ import sys
 from collections.abc import Callable, Sequence
 
 from stages.lib.config import ConfigError, load_config
+from stages.lib.errors import StageError
 from stages.lib.schema import PipelineConfig
-
-
-class StageError(RuntimeError):
-    """A stage cannot do its job; the message names the file or key at fault and what to do."""
 
 
 def stage_main(

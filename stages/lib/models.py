@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
+from stages.lib.errors import StageError
 from stages.lib.schema import ComputeConfig, ModelConfig
 from stages.lib.tokenizer import VOCAB_SIZE
 
@@ -19,7 +20,7 @@ MODEL_SOURCES = ("tiny", "hub", "folder", "single_file")
 PIPELINE_KWARGS = {"safety_checker": None, "requires_safety_checker": False}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(StageError):
     """The configured model cannot be loaded; the message names the source, path and what to do."""
 
 

@@ -10,13 +10,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from stages.lib.errors import StageError
 from stages.lib.images import list_images, to_rgb
 
 MANIFEST = "manifest.json"
 Box = tuple[int, int, int, int]
 
 
-class TrainDataError(ValueError):
+class TrainDataError(StageError):
     """Training images are missing or unusable; the message names the folder and what to do."""
 
 

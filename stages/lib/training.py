@@ -20,6 +20,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from stages.lib.checkpoints import CheckpointState, CheckpointStore
+from stages.lib.errors import StageError
 from stages.lib.losses import diffusion_target, min_snr_weights, per_sample_mse, sample_noise
 from stages.lib.optim import make_lr_scheduler, make_optimizer
 from stages.lib.schema import TrainConfig
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 PROBE_TIMESTEPS = 8
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(StageError):
     """The loss became NaN/inf; the last good checkpoint is kept."""
 
 
@@ -279,11 +280,10 @@ class DiffusionTrainer:
 
     def _summary(self, steps_run: int, elapsed: float) -> dict[str, float]:
         tail = self.history[-10:]
-        metrics = (
-            {k: sum(h[k] for h in tail) / len(tail) for k in tail[0] if k not in ("step", "lr")}
-            if tail
-            else {}
-        )
+        keys = [k for k in (tail[0] if tail else {}) if k not in ("step", "lr")]
+        metrics = {
+            f"final_{k}": sum(h[k] for h in tail) / len(tail) for k in keys
+        }  # mean of the last 10 steps
         first, last = self.validation[0], self.validation[-1]
         best = min((v for v in self.validation if v["step"] > 0), key=lambda v: v["val_loss"], default=last)
         metrics.update(

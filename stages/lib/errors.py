@@ -1,0 +1,5 @@
+"""The project's error types: each message names the file or key at fault and what to do."""
+
+
+class StageError(RuntimeError):
+    """A stage cannot do its job; ``stage_main`` prints the message on one line and exits with status 2."""

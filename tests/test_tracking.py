@@ -1,0 +1,65 @@
+"""The shared MLflow helper: one tagged run per stage; tracking failures never lose outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from stages.lib.schema import TrackingConfig
+from stages.lib.tracking import stage_run, tracking_uri
+
+
+def test_run_logs_params_metrics_image_and_tags(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-abc")
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path / 'm.db'}", experiment_name="t")
+    with stage_run("demo", cfg, {"a.b": 1, "lr": 2e-6}, tmp_path / "reports") as tracker:
+        tracker.log_metrics({"loss": 1.0}, step=1)
+        tracker.log_metrics({"loss": 0.5}, step=2)
+        tracker.log_image(Image.new("RGB", (8, 8), "red"), "grids/x.png")
+        tracker.set_final_metrics({"score": 0.75, "skipped": float("nan")})
+    client = MlflowClient(cfg.uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+    assert run.data.tags["stage"] == "demo" and run.data.tags["dvc_exp_name"] == "exp-abc"
+    assert run.data.tags["git_commit"] and run.info.run_name == "demo [exp-abc]"
+    assert run.data.params == {"a.b": "1", "lr": "2e-06"}
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "loss")] == [1.0, 0.5]
+    assert run.data.metrics["score"] == 0.75 and "skipped" not in run.data.metrics
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "grids")] == ["grids/x.png"]
+    assert json.loads((tmp_path / "reports" / "metrics.json").read_text())["score"] == 0.75
+
+
+def test_broken_tracking_warns_and_still_writes_metrics(tmp_path: Path) -> None:
+    cfg = TrackingConfig(uri="unknownscheme://nowhere", experiment_name="t")
+    with pytest.warns(RuntimeWarning, match="MLflow tracking failed"):
+        with stage_run("demo", cfg, {"x": 1}, tmp_path / "reports") as tracker:
+            tracker.log_image(Image.new("RGB", (4, 4)), "g.png")
+            tracker.set_final_metrics({"score": 1.0})
+            (tmp_path / "output.txt").write_text("real output")
+    assert tracker.errors and (tmp_path / "output.txt").is_file()
+    assert json.loads((tmp_path / "reports" / "metrics.json").read_text()) == {"score": 1.0}
+
+
+def test_failed_stage_marks_run_failed(tmp_path: Path) -> None:
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path / 'm.db'}", experiment_name="t")
+    with pytest.raises(ValueError, match="boom"):
+        with stage_run("demo", cfg, {}, tmp_path / "reports"):
+            raise ValueError("boom")
+    client = MlflowClient(cfg.uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+    assert run.info.status == "FAILED"
+
+
+def test_default_uri_is_sqlite_at_dvc_root(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    assert tracking_uri(TrackingConfig()) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert tracking_uri(TrackingConfig(uri="http://127.0.0.1:5000")) == "http://127.0.0.1:5000"
+
+
+def test_disabled_tracking_writes_only_metrics(tmp_path: Path) -> None:
+    with stage_run("demo", TrackingConfig(enabled=False), {}, tmp_path / "r") as tracker:
+        tracker.set_final_metrics({"a": 1.0})
+    assert tracker.run_id is None and json.loads((tmp_path / "r" / "metrics.json").read_text()) == {"a": 1.0}
