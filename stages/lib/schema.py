@@ -146,6 +146,18 @@ class LoraConfig:
 
 
 @dataclass
+class ConvertConfig:
+    """Exports of the trained weights for tools outside diffusers."""
+
+    bin: bool = True  # the seed's conversion: each LoRA .safetensors -> pytorch_lora_weights.bin
+    kohya: bool = True  # each LoRA in the kohya / AUTOMATIC1111 / ComfyUI key format
+    single_file: bool = True  # the DreamBooth model as one original-layout (civitai-style) .safetensors
+    single_file_dtype: str = "float16"  # float16 | bfloat16 | float32
+    extract_rank: int = 32  # LoRA extracted from the DreamBooth UNet delta (0 disables)
+    merged: bool = True  # DreamBooth + the featured LoRA fused into one single-file checkpoint
+
+
+@dataclass
 class InferConfig:
     """Inference images for the prompt list."""
 
@@ -166,14 +178,16 @@ class InferConfig:
     width: int = 512
     scheduler: str = ""  # empty keeps the pipeline's scheduler
     seed: int = 0
-    variants: list[str] = field(default_factory=lambda: ["base", "dreambooth", "lora"])
+    variants: list[str] = field(default_factory=lambda: ["base", "dreambooth", "lora", "lora_extracted"])
+    all_ranks: bool = True  # the "lora" variant: every rank in lora.ranks (False: only the featured lora.rank)
+    batch_size: int = 8  # images per pipeline call (prompts are batched)
 
 
 @dataclass
 class CompareConfig:
     """DreamBooth UNet vs LoRA table and rank study."""
 
-    rank_study_prompt: str = "forest"
+    rank_study_prompt: str = "forest"  # a substring of one infer prompt
     clip_model_path: str = ""
     dino_model_path: str = ""
 
@@ -222,6 +236,7 @@ class PipelineConfig:
     class_images: ClassImagesConfig = field(default_factory=ClassImagesConfig)
     dreambooth: DreamBoothConfig = field(default_factory=DreamBoothConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    convert: ConvertConfig = field(default_factory=ConvertConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     controlnet: ControlNetConfig = field(default_factory=ControlNetConfig)
