@@ -26,6 +26,9 @@ def run(cfg: PipelineConfig, base_dir: Path, out_dir: Path, paths: FinetunePaths
     place_frozen_modules(pipe, train, resolve_device(cfg.compute))
     pipe.unet.requires_grad_(True)
     params = dict(pipe.unet.named_parameters())
+    if train.train_text_encoder:
+        pipe.text_encoder.requires_grad_(True).train()
+        params.update({f"text_encoder.{n}": p for n, p in pipe.text_encoder.named_parameters()})
     flat = {**to_flat_dict(train, "dreambooth."), **to_flat_dict(cfg.data, "data.")}
     with stage_run("dreambooth", cfg.tracking, flat, paths.reports_dir) as tracker:
         result = finetune(

@@ -35,17 +35,19 @@ class FinetunePaths:
     reports_dir: Path
 
 
+def prompt_ids(pipe: StableDiffusionPipeline, prompt: str) -> torch.Tensor:
+    """(1, 77) token ids, padded like SD."""
+    tok = pipe.tokenizer
+    ids = tok(
+        prompt, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+    )
+    return ids.input_ids.to(pipe.text_encoder.device)
+
+
 @torch.no_grad()
 def encode_prompt(pipe: StableDiffusionPipeline, prompt: str) -> torch.Tensor:
     """(1, 77, D) text embeddings, computed once."""
-    ids = pipe.tokenizer(
-        prompt,
-        padding="max_length",
-        max_length=pipe.tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-    return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0].float()
+    return pipe.text_encoder(prompt_ids(pipe, prompt))[0].float()
 
 
 def place_frozen_modules(pipe: StableDiffusionPipeline, cfg: TrainConfig, device: torch.device) -> None:
@@ -55,7 +57,8 @@ def place_frozen_modules(pipe: StableDiffusionPipeline, cfg: TrainConfig, device
         if device.type == "cuda"
         else None
     )
-    for module in (pipe.vae, pipe.text_encoder):
+    pipe.text_encoder.to(device)  # trained in fp32 when train_text_encoder, else frozen below
+    for module in [pipe.vae] if cfg.train_text_encoder else [pipe.vae, pipe.text_encoder]:
         module.requires_grad_(False).eval().to(device)
         if half is not None:
             module.to(dtype=half)
@@ -88,6 +91,10 @@ def build_training_data(
         data.class_probe = encode_latents(pipe.vae, classes).to(device)
         data.class_embeds = encode_prompt(pipe, data_cfg.class_prompt).to(device)
         data.with_prior = cfg.with_prior_preservation
+        data.class_ids = prompt_ids(pipe, data_cfg.class_prompt)
+    if cfg.train_text_encoder:
+        data.text_encoder = pipe.text_encoder
+        data.instance_ids = prompt_ids(pipe, data_cfg.instance_prompt)
     return data
 
 

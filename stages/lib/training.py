@@ -46,6 +46,17 @@ class TrainingData:
     class_embeds: torch.Tensor | None = None
     with_prior: bool = False  # train on the class images too (prior preservation)
     holdout: LatentCache | None = None
+    text_encoder: torch.nn.Module | None = None  # set when the text encoder trains: embeddings every step
+    instance_ids: torch.Tensor | None = None  # (1, 77) token ids, used with text_encoder
+    class_ids: torch.Tensor | None = None
+
+    def embeds(self, kind: str) -> torch.Tensor | None:
+        """Prompt embeddings of ``kind`` ("instance" | "class"): cached, or fresh from the trained text encoder."""
+        cached = self.instance_embeds if kind == "instance" else self.class_embeds
+        ids = self.instance_ids if kind == "instance" else self.class_ids
+        if self.text_encoder is None or ids is None:
+            return cached
+        return self.text_encoder(ids)[0]
 
     @property
     def prior(self) -> LatentCache | None:
@@ -107,6 +118,8 @@ class DiffusionTrainer:
         self.optimizer = make_optimizer(params.values(), cfg, self.device)
         self.lr_scheduler = make_lr_scheduler(self.optimizer, cfg)
         self.ema = EMAModel(list(params.values()), decay=cfg.ema_decay) if cfg.use_ema else None
+        if data.text_encoder is not None:
+            data.text_encoder = accelerator.prepare(data.text_encoder)
         self.unet, self.optimizer, self.lr_scheduler = accelerator.prepare(
             self.unet, self.optimizer, self.lr_scheduler
         )
@@ -119,10 +132,10 @@ class DiffusionTrainer:
         g = step_generator(self.cfg.seed, step)
         bs = self.cfg.train_batch_size
         inst = torch.randint(len(self.data.instance), (bs,), generator=g)
-        parts = [(self.data.instance, inst, self.data.instance_embeds)]
+        parts = [(self.data.instance, inst, self.data.embeds("instance"))]
         if self.data.prior is not None:
             prior = torch.randint(len(self.data.prior), (bs,), generator=g)
-            parts.append((self.data.prior, prior, self.data.class_embeds))
+            parts.append((self.data.prior, prior, self.data.embeds("class")))
         latents, embeds = [], []
         for cache, idx, emb in parts:
             latent_noise = torch.randn((bs, *cache.mean.shape[1:]), generator=g).to(self.device)
@@ -182,8 +195,9 @@ class DiffusionTrainer:
 
     # -- probes ---------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def probe_loss(self, cache: LatentCache | None, embeds: torch.Tensor | None) -> float:
+    def probe_loss(self, cache: LatentCache | None, kind: str) -> float:
         """Denoising loss with fixed noise and timesteps on up to ``num_probes`` images: comparable across steps."""
+        embeds = self.data.embeds(kind)
         if cache is None or embeds is None:
             return math.nan
         n = min(self.cfg.num_probes, len(cache))
@@ -194,19 +208,26 @@ class DiffusionTrainer:
         t = torch.linspace(steps * 0.05, steps * 0.95, PROBE_TIMESTEPS).long().repeat(n).to(self.device)
         noisy = self.scheduler.add_noise(latents, noise, t)
         target = diffusion_target(self.scheduler, latents, noise, t)
-        was_training = self.unet.training
-        self.unet.eval()
         with self.acc.autocast():
             pred = self.unet(noisy, t, embeds.expand(latents.shape[0], -1, -1)).sample
-        self.unet.train(was_training)
         return float(per_sample_mse(pred, target).mean())
 
     def probes(self) -> dict[str, float]:
-        """Instance (held-out or fixed) and class probe losses."""
+        """Instance (held-out or fixed) and class probe losses, in eval mode."""
         d = self.data
+        modules = [m for m in (self.unet, d.text_encoder) if m is not None]
+        for m in modules:
+            m.eval()
+        try:
+            return self._probe_values(d)
+        finally:
+            for m in modules:
+                m.train()
+
+    def _probe_values(self, d: TrainingData) -> dict[str, float]:
         return {
-            "val_loss": self.probe_loss(d.holdout or d.instance, d.instance_embeds),
-            "class_probe_loss": self.probe_loss(d.class_probe, d.class_embeds),
+            "val_loss": self.probe_loss(d.holdout if d.holdout is not None else d.instance, "instance"),
+            "class_probe_loss": self.probe_loss(d.class_probe, "class"),
         }
 
     # -- checkpoints ----------------------------------------------------------------------------------------
