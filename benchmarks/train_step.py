@@ -49,7 +49,14 @@ def sd15_pipeline(work: Path) -> StableDiffusionPipeline:
     text = CLIPTextModel(CLIPTextConfig.from_pretrained(SD15_CONFIG_DIR / "text_encoder"))
     sched = PNDMScheduler.from_pretrained(SD15_CONFIG_DIR, subfolder="scheduler")
     return StableDiffusionPipeline(
-        vae, text, build_clip_tokenizer(work / "tok"), unet, sched, None, None, False
+        vae=vae,
+        text_encoder=text,
+        tokenizer=build_clip_tokenizer(work / "tok"),
+        unet=unet,
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -93,6 +94,9 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 def accelerator_for(cfg: TrainConfig, device: torch.device) -> Accelerator:
     """bf16/fp16 autocast with fp32 master weights on CUDA; plain fp32 on CPU."""
     mixed = cfg.mixed_precision if device.type == "cuda" else "no"
+    # Accelerate keeps one global state per process; a later run in the same process (tests, notebooks) may
+    # ask for another precision. The distributed (partial) state is kept.
+    AcceleratorState._reset_state()
     return Accelerator(mixed_precision=mixed, cpu=device.type == "cpu")
 
 
