@@ -10,10 +10,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
-import json
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw, UnidentifiedImageError
@@ -25,13 +24,13 @@ from stages.lib.config import ConfigError, to_flat_dict
 from stages.lib.errors import StageError
 from stages.lib.faces import focal_crop
 from stages.lib.images import make_grid, save_image, to_rgb
+from stages.lib.manifest import MANIFEST, Manifest, ManifestEntry, Rejection
 from stages.lib.outputs import atomic_dir
 from stages.lib.schema import PipelineConfig, PrepConfig
 from stages.lib.tracking import stage_run
 
 log = logging.getLogger("stages.prep")
 
-MANIFEST = "manifest.json"
 CONTACT_SHEET = "contact_sheet.png"
 ACCEPTED_FORMATS = {"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF"}  # MPO: multi-picture JPEGs from phones
 SAVE_OPTIONS = {
@@ -39,8 +38,6 @@ SAVE_OPTIONS = {
     "jpg": {"format": "JPEG", "quality": 95},
     "webp": {"format": "WEBP", "lossless": True},
 }
-METHODS = ("face", "saliency", "center")
-REASONS = ("corrupt", "not_an_image", "unsupported_format", "too_small", "duplicate")
 THUMB = 128
 
 
@@ -50,58 +47,6 @@ class BadInput(Exception):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason, self.message = reason, message
-
-
-@dataclass
-class Rejection:
-    """A skipped input file."""
-
-    file: str
-    reason: str
-    message: str
-
-
-@dataclass
-class ManifestEntry:
-    """One accepted photo; boxes are ``[left, top, right, bottom]``."""
-
-    output: str  # crop file name in the output folder
-    source: str  # input file name
-    sha256: str  # of the file bytes
-    pixel_sha256: str  # of the decoded RGB pixels (after EXIF orientation)
-    original_size: list[int]  # [width, height] after EXIF orientation
-    crop_box: list[int]  # in original pixels
-    method: str  # face | saliency | center
-    face_box: list[int] | None  # in original pixels
-    face_box_output: list[int] | None  # in the output crop's pixels (resolution x resolution)
-
-
-@dataclass
-class Manifest:
-    """``manifest.json``: what prep accepted and rejected."""
-
-    resolution: int
-    images: list[ManifestEntry] = field(default_factory=list)
-    rejected: list[Rejection] = field(default_factory=list)
-
-    def write(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
-
-    @classmethod
-    def read(cls, path: Path) -> Manifest:
-        data = json.loads(Path(path).read_text())
-        return cls(
-            data["resolution"],
-            [ManifestEntry(**e) for e in data["images"]],
-            [Rejection(**r) for r in data["rejected"]],
-        )
-
-    def metrics(self) -> dict[str, int]:
-        """Counts for metrics.json: inputs, accepted, rejected (per reason) and focal-point methods."""
-        counts = {"num_input": len(self.images) + len(self.rejected), "num_accepted": len(self.images)}
-        counts["num_rejected"] = len(self.rejected)
-        counts |= {f"num_{m}": sum(e.method == m for e in self.images) for m in METHODS}
-        return counts | {f"num_rejected_{r}": sum(x.reason == r for x in self.rejected) for r in REASONS}
 
 
 @dataclass

@@ -17,8 +17,9 @@ from PIL import Image
 from stages.lib.config import ConfigError
 from stages.lib.errors import StageError
 from stages.lib.faces import Box
+from stages.lib.manifest import MANIFEST, Manifest
 from stages.lib.schema import PipelineConfig
-from stages.prep import MANIFEST, Manifest, main, run
+from stages.prep import main, run
 from stages.sample_subject import save_photo
 from tests.test_faces import face_scene, object_scene
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from PIL import Image
 
 from stages import base, class_images
 from stages.lib.finetune import FinetunePaths
+from stages.lib.manifest import MANIFEST, Manifest, ManifestEntry
 from stages.lib.schema import PipelineConfig
 
 RES = 64
@@ -33,7 +33,7 @@ class TinyWorld:
 def write_subject(folder: Path, count: int = 6) -> Path:
     """A distinctive, consistent 'subject': an orange face box on a blue field, slightly shifted per image."""
     folder.mkdir(parents=True, exist_ok=True)
-    entries = []
+    manifest = Manifest(resolution=RES)
     for i in range(count):
         a = np.zeros((RES, RES, 3), np.uint8)
         a[:] = (30, 70, 170)
@@ -42,8 +42,12 @@ def write_subject(folder: Path, count: int = 6) -> Path:
         a[y + 10 : y + 14, x + 6 : x + 10] = (20, 20, 20)
         a[y + 10 : y + 14, x + 18 : x + 22] = (20, 20, 20)
         Image.fromarray(a).save(folder / f"{i:03d}.png")
-        entries.append({"output": f"{i:03d}.png", "face_box_output": [x, y, x + 28, y + 34]})
-    (folder / "manifest.json").write_text(json.dumps({"resolution": RES, "images": entries}))
+        box = [x, y, x + 28, y + 34]
+        name = f"{i:03d}.png"
+        manifest.images.append(
+            ManifestEntry(name, name, "", "", [RES, RES], [0, 0, RES, RES], "face", box, box)
+        )
+    manifest.write(folder / MANIFEST)
     return folder
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,8 +11,8 @@ from PIL import Image
 
 from stages.lib.errors import StageError
 from stages.lib.images import list_images, to_rgb
+from stages.lib.manifest import MANIFEST, Manifest
 
-MANIFEST = "manifest.json"
 Box = tuple[int, int, int, int]
 
 
@@ -78,17 +77,14 @@ def load_instance_set(prepared_dir: Path, resolution: int) -> ImageSet:
     manifest_path = Path(prepared_dir) / MANIFEST
     if not manifest_path.is_file():
         raise TrainDataError(f"{manifest_path}: missing; run `dvc repro prep` first")
-    manifest = json.loads(manifest_path.read_text())
-    entries = manifest.get("images", [])
-    if not entries:
+    manifest = Manifest.read(manifest_path)
+    if not manifest.images:
         raise TrainDataError(f"{manifest_path}: lists no accepted images")
-    out_size = int(manifest.get("resolution", resolution))
     pixels, names, boxes = [], [], []
-    for entry in entries:
-        path = Path(prepared_dir) / entry["output"]
-        pixels.append(_to_tensor(Image.open(path), resolution))
-        names.append(entry["output"])
-        boxes.append(_scaled_box(entry.get("face_box_output"), out_size, resolution))
+    for entry in manifest.images:
+        pixels.append(_to_tensor(Image.open(Path(prepared_dir) / entry.output), resolution))
+        names.append(entry.output)
+        boxes.append(_scaled_box(entry.face_box_output, manifest.resolution, resolution))
     return ImageSet(torch.stack(pixels), names, boxes)
 
 
