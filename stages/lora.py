@@ -78,7 +78,12 @@ def run(
         result = finetune(f"lora_r{rank}", train, cfg.data, pipe, params, paths, tracker, identity)
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
         with atomic_dir(out_dir) as tmp:
-            StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers, weight_name=WEIGHT_NAME)
+            StableDiffusionPipeline.save_lora_weights(
+                tmp,
+                unet_lora_layers=layers,
+                weight_name=WEIGHT_NAME,
+                unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict(),  # keeps alpha != rank
+            )
         metrics = {
             **result.metrics,
             "rank": float(rank),

@@ -169,6 +169,8 @@ def test_lora_param_count_loading_and_scale_zero(world, trained) -> None:
 
     before = sample()
     pipe.load_lora_weights(out)  # diffusers' public API, not the project's loader
+    (adapter,) = pipe.unet.peft_config.values()
+    assert (adapter.r, adapter.lora_alpha) == (rank, world.cfg.lora.alpha or rank)
     assert not torch.allclose(sample(), before, atol=1e-4)
     assert torch.allclose(sample(cross_attention_kwargs={"scale": 0.0}), before, atol=1e-5)
 
@@ -217,3 +219,14 @@ def test_flat_params_are_logged_names() -> None:
 
     flat = to_flat_dict(TrainConfig(), "dreambooth.")
     assert flat["dreambooth.learning_rate"] == 2e-6 and "dreambooth.max_train_steps" in flat
+
+
+def test_lora_alpha_other_than_rank_survives_reload(world, trained) -> None:
+    cfg = copy.deepcopy(world.cfg)
+    cfg.lora.alpha, cfg.lora.train.max_train_steps = 8.0, 2
+    out = world.root / "models" / "lora_alpha"
+    lora.run(cfg, 4, trained[0], out, world.paths("lora_alpha"))
+    pipe = _pipe(trained[0])
+    pipe.load_lora_weights(out)
+    (adapter,) = pipe.unet.peft_config.values()
+    assert (adapter.r, adapter.lora_alpha) == (4, 8)

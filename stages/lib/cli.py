@@ -9,7 +9,15 @@ from collections.abc import Callable, Sequence
 
 from stages.lib.config import ConfigError, load_config
 from stages.lib.errors import StageError
-from stages.lib.schema import PipelineConfig
+from stages.lib.schema import ComputeConfig, PipelineConfig
+
+
+def configure_threads(cfg: ComputeConfig) -> None:
+    """Apply compute.num_threads (0 keeps torch's default); torch is imported only when needed."""
+    if cfg.num_threads > 0:
+        import torch
+
+        torch.set_num_threads(cfg.num_threads)
 
 
 def stage_main(
@@ -29,6 +37,7 @@ def stage_main(
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.params)
+        configure_threads(cfg.compute)
         run(cfg, args)
     except (ConfigError, StageError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -33,12 +33,6 @@ def resolve_device(cfg: ComputeConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
-def configure_threads(cfg: ComputeConfig) -> None:
-    """Apply compute.num_threads (0 keeps torch's default)."""
-    if cfg.num_threads > 0:
-        torch.set_num_threads(cfg.num_threads)
-
-
 def check_tokenizer(pipe: StableDiffusionPipeline, where: str) -> None:
     """A missing tokenizer/ folder silently yields a 2-token tokenizer: refuse it."""
     if len(pipe.tokenizer) != VOCAB_SIZE:
