@@ -186,6 +186,7 @@ def run(
             if conv.bin or conv.kohya:
                 for rank, source in sources.items():
                     metrics |= ex.lora(rank, source, tmp / "lora" / f"r{rank}")
+            (tmp / "lora_extracted").mkdir()  # always there: infer depends on it (empty when extract_rank=0)
             if conv.extract_rank:
                 metrics |= ex.extracted(base_dir, tmp / "lora_extracted" / f"r{conv.extract_rank}")
             if conv.merged:  # last: fusing modifies the DreamBooth pipeline

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -21,7 +22,18 @@ from .conftest import PROJECT_ROOT
 
 pytestmark = pytest.mark.slow
 VENV_BIN = Path(sys.executable).parent
-STAGE_RUNS = {"base", "prep", "class_images", "dreambooth", "lora_r4", "lora_r8", "lora_r24"}
+STAGE_RUNS = {
+    "base",
+    "prep",
+    "class_images",
+    "dreambooth",
+    "lora_r4",
+    "lora_r8",
+    "lora_r24",
+    "convert",
+    "infer",
+    "compare",
+}
 
 
 def _sh(cwd: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -91,8 +103,59 @@ def test_mlflow_has_one_tagged_run_per_stage(repo: Path) -> None:
 
 def test_second_repro_is_up_to_date_and_rank_switch_retrains_nothing(repo: Path) -> None:
     assert "up to date" in _sh(repo, "dvc", "repro").stdout
-    out = _sh(repo, "dvc", "exp", "run", "-S", "lora.rank=8")
-    assert "Running stage" not in out.stdout or "lora@" not in out.stdout, out.stdout
+    out = _sh(repo, "dvc", "exp", "run", "-S", "lora.rank=8").stdout
+    ran = set(re.findall(r"Running stage '([^']+)'", out))
+    assert "compare" in ran and not ran & {
+        "base",
+        "prep",
+        "class_images",
+        "dreambooth",
+        "lora@4",
+        "lora@8",
+        "lora@24",
+        "infer",
+    }, ran
+
+
+def _experiments(node: object) -> Iterator[dict]:
+    """Every experiment record (name + params + metrics) in `dvc exp show --json` output."""
+    if isinstance(node, dict):
+        if "name" in node and isinstance(node.get("data"), dict) and "params" in node["data"]:
+            yield node
+        for value in node.values():
+            yield from _experiments(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _experiments(value)
+
+
+def test_queued_rank_sweep_lists_params_and_compare_metrics(repo: Path) -> None:
+    _sh(repo, "dvc", "exp", "run", "--queue", "-S", "lora.rank=4,24")
+    _sh(repo, "dvc", "queue", "start")
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        status = _sh(repo, "dvc", "queue", "status").stdout
+        if not re.search(r"\b(Queued|Running)\b", status):
+            break
+        time.sleep(5)
+    assert "Failed" not in status, status
+    experiments = list(_experiments(json.loads(_sh(repo, "dvc", "exp", "show", "--json").stdout)))
+    by_rank = {}
+    for exp in experiments:
+        params = exp["data"]["params"]["params.yaml"]["data"]
+        metrics = exp["data"].get("metrics", {}).get("reports/compare/metrics.json", {}).get("data", {})
+        by_rank[params["lora"]["rank"]] = (exp["name"], metrics)
+    assert {4, 8, 24} <= set(by_rank), by_rank.keys()
+    for rank in (4, 8, 24):
+        name, metrics = by_rank[rank]
+        assert f"lora_r{rank}" in metrics and "dreambooth" in metrics, (rank, metrics.keys())
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("sd-personalise")
+    tagged = {
+        r.data.tags.get("dvc_exp_name")
+        for r in client.search_runs([experiment.experiment_id], "tags.stage = 'compare'")
+    }
+    assert {by_rank[r][0] for r in (4, 8, 24)} <= tagged, tagged
 
 
 def test_mistyped_override_fails_before_anything_runs(repo: Path) -> None:

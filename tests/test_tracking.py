@@ -63,3 +63,13 @@ def test_disabled_tracking_writes_only_metrics(tmp_path: Path) -> None:
     with stage_run("demo", TrackingConfig(enabled=False), {}, tmp_path / "r") as tracker:
         tracker.set_final_metrics({"a": 1.0})
     assert tracker.run_id is None and json.loads((tmp_path / "r" / "metrics.json").read_text()) == {"a": 1.0}
+
+
+def test_nested_final_metrics_keep_nesting_in_file_and_flatten_in_mlflow(tmp_path: Path) -> None:
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path / 'm.db'}", experiment_name="t")
+    with stage_run("demo", cfg, {}, tmp_path / "r") as tracker:
+        tracker.set_final_metrics({"dreambooth": {"score": 0.5}, "base": {"score": 0.1}})
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["dreambooth"] == {"score": 0.5}
+    client = MlflowClient(cfg.uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+    assert run.data.metrics == {"dreambooth.score": 0.5, "base.score": 0.1}

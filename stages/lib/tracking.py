@@ -21,6 +21,7 @@ from typing import Any
 
 from PIL import Image
 
+from stages.lib.config import to_flat_dict
 from stages.lib.schema import TrackingConfig
 
 log = logging.getLogger(__name__)
@@ -112,9 +113,10 @@ class StageTracker:
             self._guard("log metrics", self._mlflow.log_metrics, _finite(metrics), step=step)
 
     def set_final_metrics(self, metrics: dict[str, Any]) -> None:
-        """Final metrics: MLflow and reports/<stage>/metrics.json."""
+        """Final metrics: reports/<stage>/metrics.json as given (nesting kept, e.g. one object per variant)
+        and MLflow with nested names flattened to ``a.b``."""
         self.metrics.update(metrics)
-        self.log_metrics(metrics)
+        self.log_metrics(to_flat_dict(metrics))
 
     def log_image(self, image: Image.Image, artifact_file: str) -> None:
         if self._mlflow is not None:

@@ -1,0 +1,185 @@
+"""Stage `infer`: the inference function for every variant -- base, DreamBooth, each LoRA rank, extracted LoRA.
+
+Images go to ``<out>/<variant>/<prompt-slug>/<i:02d>.png`` (plus each variant's latents), listed in
+``<out>/index.json``; grids per variant (rows: prompts) and per prompt (columns: variants) go to
+``<reports>/grids/`` and MLflow. LoRA adapters load onto the DreamBooth pipeline through diffusers' public API
+(one adapter name per rank, unloaded after use); the LoRA extracted by `convert` loads onto the base pipeline and is
+skipped with a note when it does not exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from stages.lib.cli import stage_main
+from stages.lib.config import to_flat_dict
+from stages.lib.errors import StageError
+from stages.lib.images import save_image
+from stages.lib.inference import Generation, InferIndex, generate, prompt_slugs, sampling_kwargs
+from stages.lib.models import load_pipeline, resolve_device
+from stages.lib.outputs import atomic_dir
+from stages.lib.schema import PipelineConfig
+from stages.lib.tracking import StageTracker, stage_run
+from stages.lora import WEIGHT_NAME, featured_lora_dir
+
+log = logging.getLogger(__name__)
+VARIANT_KINDS = ("base", "dreambooth", "lora", "lora_extracted")
+
+
+@dataclass(frozen=True)
+class InferPaths:
+    """Inputs and outputs of the stage (all given by dvc.yaml)."""
+
+    base: Path
+    dreambooth: Path
+    lora_root: Path
+    extracted: Path | None
+    out: Path
+    reports: Path
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One model to sample: a pipeline folder plus, optionally, a LoRA folder loaded onto it."""
+
+    name: str
+    pipeline: Path
+    lora: Path | None = None
+    rank: int | None = None
+
+
+def lora_variants(cfg: PipelineConfig, paths: InferPaths) -> list[Variant]:
+    """Every trained rank (``infer.all_ranks``) or only the featured ``lora.rank``, on the DreamBooth model."""
+    featured_lora_dir(cfg.lora, paths.lora_root)  # a clear error when lora.rank is not trained
+    ranks = list(cfg.lora.ranks) if cfg.infer.all_ranks else [cfg.lora.rank]
+    missing = [
+        f"r{r} (dvc repro lora@{r})" for r in ranks if not (paths.lora_root / f"r{r}" / WEIGHT_NAME).is_file()
+    ]
+    if missing:
+        raise StageError(f"{paths.lora_root}: LoRA weights missing, train them first: {', '.join(missing)}")
+    return [Variant(f"lora_r{r}", paths.dreambooth, paths.lora_root / f"r{r}", r) for r in ranks]
+
+
+def plan_variants(cfg: PipelineConfig, paths: InferPaths) -> tuple[list[Variant], dict[str, str]]:
+    """The variants of ``infer.variants`` in order, and those skipped with the reason."""
+    unknown = [v for v in cfg.infer.variants if v not in VARIANT_KINDS]
+    if unknown:
+        raise StageError(f"infer.variants: unknown {unknown}; choose from {list(VARIANT_KINDS)}")
+    planned: list[Variant] = []
+    skipped: dict[str, str] = {}
+    for kind in cfg.infer.variants:
+        if kind in ("base", "dreambooth"):
+            planned.append(Variant(kind, paths.base if kind == "base" else paths.dreambooth))
+        elif kind == "lora":
+            planned += lora_variants(cfg, paths)
+        elif paths.extracted is not None and (paths.extracted / WEIGHT_NAME).is_file():
+            planned.append(Variant(kind, paths.base, paths.extracted))
+        else:
+            where = (
+                f"no {WEIGHT_NAME} in {paths.extracted}" if paths.extracted else "no --lora-extracted given"
+            )
+            skipped[kind] = f"{where} (convert.extract_rank=0 or the convert stage has not run)"
+            log.info("skipping variant %s: %s", kind, skipped[kind])
+    return planned, skipped
+
+
+def _sample(
+    pipe: StableDiffusionPipeline, variant: Variant, cfg: PipelineConfig, out_dir: Path
+) -> Generation:
+    """Generate one variant, loading its LoRA under its own adapter name and unloading it afterwards."""
+    kwargs = {**sampling_kwargs(cfg.infer), "out_dir": out_dir, "variant": variant.name}
+    if variant.lora is None:
+        return generate(pipe, cfg.infer.prompts, **kwargs)
+    pipe.load_lora_weights(variant.lora, weight_name=WEIGHT_NAME, adapter_name=variant.name)
+    try:
+        return generate(pipe, cfg.infer.prompts, **kwargs)
+    finally:
+        pipe.unload_lora_weights()
+
+
+def generate_variants(cfg: PipelineConfig, variants: list[Variant], out_dir: Path) -> dict[str, Generation]:
+    """Load each pipeline once (fp16 on CUDA) and sample its variants; results in ``variants`` order."""
+    device = resolve_device(cfg.compute)
+    dtype = torch.float16 if device.type == "cuda" else None
+    results: dict[str, Generation] = {}
+    for folder in dict.fromkeys(v.pipeline for v in variants):
+        pipe = load_pipeline(folder, torch_dtype=dtype).to(device)
+        for variant in (v for v in variants if v.pipeline == folder):
+            results[variant.name] = _sample(pipe, variant, cfg, out_dir)
+        del pipe
+    return {v.name: results[v.name] for v in variants}
+
+
+def log_grids(index: InferIndex, reports: Path, tracker: StageTracker) -> None:
+    """One grid per variant (rows: prompts) and one per prompt (columns: variants)."""
+    grids = {f"variant_{v}": index.variant_grid(v) for v in index.variants}
+    slugs = prompt_slugs(index.prompts)
+    grids |= {
+        f"prompt_{s}": index.grid(list(index.variants), [p])
+        for p, s in zip(index.prompts, slugs, strict=True)
+    }
+    for name, grid in grids.items():
+        save_image(grid, reports / "grids" / f"{name}.png")
+        tracker.log_image(grid, f"grids/{name}.png")
+
+
+def run(cfg: PipelineConfig, paths: InferPaths) -> dict[str, float]:
+    """Sample every planned variant into ``paths.out`` (replaced atomically) and log the grids."""
+    variants, skipped = plan_variants(cfg, paths)
+    if not variants:
+        raise StageError(f"infer.variants={list(cfg.infer.variants)}: nothing to generate ({skipped})")
+    params = {
+        **to_flat_dict(cfg.infer, "infer."),
+        "lora.ranks": list(cfg.lora.ranks),
+        "variants": [v.name for v in variants],
+    }
+    with stage_run("infer", cfg.tracking, params, paths.reports) as tracker:
+        start = time.perf_counter()
+        ranks = {v.name: v.rank for v in variants if v.rank is not None}
+        with atomic_dir(paths.out) as tmp:
+            results = generate_variants(cfg, variants, tmp)
+            settings = sampling_kwargs(cfg.infer)
+            InferIndex.from_results(
+                tmp, results, settings=settings, lora_ranks=ranks, skipped=skipped
+            ).write()
+        seconds = time.perf_counter() - start
+        log_grids(InferIndex.load(paths.out), paths.reports, tracker)
+        num_images = sum(len(ims) for gen in results.values() for ims in gen.images.values())
+        metrics = {
+            "num_variants": float(len(results)),
+            "num_images": float(num_images),
+            "seconds": seconds,
+            "images_per_s": num_images / seconds,
+        }
+        tracker.set_final_metrics(metrics)
+    return metrics
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", type=Path, default=Path("models/base"))
+    parser.add_argument("--dreambooth", type=Path, default=Path("models/dreambooth"))
+    parser.add_argument("--lora-root", type=Path, default=Path("models/lora"))
+    parser.add_argument(
+        "--lora-extracted", type=Path, default=None, help="optional: convert's extracted LoRA"
+    )
+    parser.add_argument("--out", type=Path, default=Path("data/infer"))
+    parser.add_argument("--reports", type=Path, default=Path("reports/infer"))
+
+
+def _run(cfg: PipelineConfig, a: argparse.Namespace) -> dict[str, float]:
+    return run(cfg, InferPaths(a.base, a.dreambooth, a.lora_root, a.lora_extracted, a.out, a.reports))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(__doc__ or "", _add_arguments, _run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
