@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from stages.lib.checkpoints import fingerprint, hash_files
 from stages.lib.cli import stage_main
 from stages.lib.config import to_flat_dict
+from stages.lib.distributed import barrier, is_main_process, world
 from stages.lib.images import make_grid, save_image
 from stages.lib.models import load_pipeline, resolve_device
 from stages.lib.schema import PipelineConfig
@@ -55,6 +56,11 @@ def sync_folder(out_dir: Path, key: str, count: int, resolution: int) -> list[in
     for f in out_dir.iterdir():
         if f.name != FINGERPRINT_FILE and (f.name not in wanted or not _valid(f, resolution)):
             f.unlink()
+    return missing_indices(out_dir, count)
+
+
+def missing_indices(out_dir: Path, count: int) -> list[int]:
+    """Indices below ``count`` without an image file."""
     return [i for i in range(count) if not (out_dir / image_name(i)).exists()]
 
 
@@ -65,7 +71,7 @@ def generate(cfg: PipelineConfig, base_dir: Path, out_dir: Path, indices: list[i
     pipe = load_pipeline(base_dir, torch_dtype=torch.float16 if device.type == "cuda" else None).to(device)
     pipe.set_progress_bar_config(disable=True)
     batches = [indices[i : i + c.sample_batch_size] for i in range(0, len(indices), c.sample_batch_size)]
-    with tqdm(total=len(indices), desc="class images", unit="img") as bar:
+    with tqdm(total=len(indices), desc="class images", unit="img", disable=not is_main_process()) as bar:
         for batch in batches:
             images = pipe(
                 [cfg.data.class_prompt] * len(batch),
@@ -100,20 +106,27 @@ def run(cfg: PipelineConfig, base_dir: Path, out_dir: Path, reports_dir: Path) -
     }
     with stage_run("class_images", cfg.tracking, params, reports_dir) as tracker:
         start = time.perf_counter()
-        missing = sync_folder(out_dir, key, c.num_class_images, resolution)
-        if missing:
-            generate(cfg, base_dir, out_dir, missing, resolution)
+        if is_main_process():  # only the main process deletes stale files
+            sync_folder(out_dir, key, c.num_class_images, resolution)
+        barrier()
+        missing = missing_indices(out_dir, c.num_class_images)
+        rank, processes = world()
+        if missing[rank::processes]:  # index-seeded images: sharding changes nothing but the speed
+            generate(cfg, base_dir, out_dir, missing[rank::processes], resolution)
+        barrier()
         seconds = time.perf_counter() - start
-        sample = [Image.open(out_dir / image_name(i)) for i in range(min(16, c.num_class_images))]
-        grid = make_grid(sample, columns=8)
-        save_image(grid, reports_dir / "sample_grid.png")
-        tracker.log_image(grid, "class_images/sample_grid.png")
+        if is_main_process():
+            sample = [Image.open(out_dir / image_name(i)) for i in range(min(16, c.num_class_images))]
+            grid = make_grid(sample, columns=8)
+            save_image(grid, reports_dir / "sample_grid.png")
+            tracker.log_image(grid, "class_images/sample_grid.png")
         metrics = {
             "num_images": float(c.num_class_images),
             "num_generated": float(len(missing)),
             "num_reused": float(c.num_class_images - len(missing)),
             "seconds": seconds,
             "images_per_s": len(missing) / seconds if missing else 0.0,
+            "num_processes": float(processes),
         }
         tracker.set_final_metrics(metrics)
     return metrics
@@ -126,7 +139,13 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main(__doc__ or "", _add_arguments, lambda cfg, a: run(cfg, a.base, a.out, a.reports), argv)
+    return stage_main(
+        __doc__ or "",
+        _add_arguments,
+        lambda cfg, a: run(cfg, a.base, a.out, a.reports),
+        argv,
+        launch_module="stages.class_images",
+    )
 
 
 if __name__ == "__main__":

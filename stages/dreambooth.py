@@ -12,6 +12,7 @@ from stages.base import SOURCE_FILE
 from stages.lib.checkpoints import hash_files
 from stages.lib.cli import stage_main
 from stages.lib.config import to_flat_dict
+from stages.lib.distributed import is_main_process
 from stages.lib.finetune import FinetunePaths, finetune, place_frozen_modules
 from stages.lib.models import load_pipeline, resolve_device
 from stages.lib.outputs import atomic_dir
@@ -41,11 +42,12 @@ def run(cfg: PipelineConfig, base_dir: Path, out_dir: Path, paths: FinetunePaths
             tracker,
             identity={"base": hash_files([base_dir])},
         )
-        pipe.to("cpu", torch.float32) if pipe.vae.dtype != torch.float32 else pipe.to("cpu")
-        with atomic_dir(out_dir) as tmp:
-            pipe.save_pretrained(tmp, safe_serialization=True)
-            if (base_dir / SOURCE_FILE).is_file():
-                shutil.copy(base_dir / SOURCE_FILE, tmp / SOURCE_FILE)
+        if is_main_process():  # the other processes of a multi-process run hold the same weights
+            pipe.to("cpu", torch.float32) if pipe.vae.dtype != torch.float32 else pipe.to("cpu")
+            with atomic_dir(out_dir) as tmp:
+                pipe.save_pretrained(tmp, safe_serialization=True)
+                if (base_dir / SOURCE_FILE).is_file():
+                    shutil.copy(base_dir / SOURCE_FILE, tmp / SOURCE_FILE)
         tracker.set_final_metrics(result.metrics)
     return result.metrics
 
@@ -64,7 +66,7 @@ def _run(cfg: PipelineConfig, a: argparse.Namespace) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main(__doc__ or "", _add_arguments, _run, argv)
+    return stage_main(__doc__ or "", _add_arguments, _run, argv, launch_module="stages.dreambooth")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from peft.utils import get_peft_model_state_dict
 from stages.lib.checkpoints import hash_files
 from stages.lib.cli import stage_main
 from stages.lib.config import to_flat_dict
+from stages.lib.distributed import is_main_process
 from stages.lib.errors import StageError
 from stages.lib.finetune import FinetunePaths, finetune, place_frozen_modules
 from stages.lib.models import load_pipeline, resolve_device
@@ -77,13 +78,16 @@ def run(
         }
         result = finetune(f"lora_r{rank}", train, cfg.data, pipe, params, paths, tracker, identity)
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
-        with atomic_dir(out_dir) as tmp:
-            StableDiffusionPipeline.save_lora_weights(
-                tmp,
-                unet_lora_layers=layers,
-                weight_name=WEIGHT_NAME,
-                unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict(),  # keeps alpha != rank
-            )
+        if is_main_process():
+            with atomic_dir(out_dir) as tmp:
+                StableDiffusionPipeline.save_lora_weights(
+                    tmp,
+                    unet_lora_layers=layers,
+                    weight_name=WEIGHT_NAME,
+                    unet_lora_adapter_metadata=pipe.unet.peft_config[
+                        "default"
+                    ].to_dict(),  # keeps alpha != rank
+                )
         metrics = {
             **result.metrics,
             "rank": float(rank),
@@ -110,7 +114,7 @@ def _run(cfg: PipelineConfig, a: argparse.Namespace) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main(__doc__ or "", _add_arguments, _run, argv)
+    return stage_main(__doc__ or "", _add_arguments, _run, argv, launch_module="stages.lora")
 
 
 if __name__ == "__main__":

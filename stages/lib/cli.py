@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from stages.lib.config import ConfigError, load_config
+from stages.lib.distributed import relaunch
 from stages.lib.errors import StageError
 from stages.lib.schema import ComputeConfig, PipelineConfig
 
@@ -25,10 +26,13 @@ def stage_main(
     add_arguments: Callable[[argparse.ArgumentParser], None],
     run: Callable[[PipelineConfig, argparse.Namespace], object],
     argv: Sequence[str] | None = None,
+    launch_module: str | None = None,
 ) -> int:
     """Parse ``--params`` plus the stage's own path arguments, load the config and run the stage.
 
-    Known failures (bad config, bad input) print one clear line and exit with status 2.
+    Known failures (bad config, bad input) print one clear line and exit with status 2. Stages that can spread
+    over several processes pass ``launch_module``: with ``compute.num_processes`` > 1 they re-run under
+    ``accelerate launch``.
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default="params.yaml", help="composed config (default: params.yaml)")
@@ -38,6 +42,10 @@ def stage_main(
     try:
         cfg = load_config(args.params)
         configure_threads(cfg.compute)
+        if launch_module is not None:
+            status = relaunch(cfg.compute, launch_module, list(sys.argv[1:] if argv is None else argv))
+            if status is not None:
+                return status
         run(cfg, args)
     except (ConfigError, StageError) as err:
         print(f"error: {err}", file=sys.stderr)

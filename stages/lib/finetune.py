@@ -169,9 +169,11 @@ def finetune(
         store,
         tracker,
         accelerator,
-        validate_images=make_validation_hook(pipe, cfg, data_cfg.instance_prompt, tracker, paths.reports_dir),
+        validate_images=make_validation_hook(pipe, cfg, data_cfg.instance_prompt, tracker, paths.reports_dir)
+        if accelerator.is_main_process
+        else None,
     )
     result = trainer.run()
-    loss_table = write_loss_table(result.history, paths.reports_dir / "loss.csv")
-    tracker.log_artifact(loss_table)
+    if accelerator.is_main_process:
+        tracker.log_artifact(write_loss_table(result.history, paths.reports_dir / "loss.csv"))
     return result

@@ -25,12 +25,13 @@ class ModelLoadError(StageError):
 
 
 def resolve_device(cfg: ComputeConfig) -> torch.device:
-    """``auto`` picks CUDA when available; an explicit ``cuda`` without a GPU is an error."""
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``auto`` picks CUDA when available (the process's own GPU under ``accelerate launch``); an explicit
+    ``cuda`` without a GPU is an error."""
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelLoadError("compute.device=cuda but no CUDA device is available; use compute.device=auto")
-    return torch.device(cfg.device)
+    if cfg.device in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per launched process
+    return torch.device("cpu" if cfg.device == "auto" else cfg.device)
 
 
 def check_tokenizer(pipe: StableDiffusionPipeline, where: str) -> None:

@@ -53,8 +53,9 @@ def _finite(metrics: dict[str, Any]) -> dict[str, float]:
 class StageTracker:
     """Logs to one MLflow run; every call degrades to a warning if MLflow fails."""
 
-    def __init__(self, stage: str, cfg: TrackingConfig, reports_dir: Path) -> None:
+    def __init__(self, stage: str, cfg: TrackingConfig, reports_dir: Path, active: bool = True) -> None:
         self.stage = stage
+        self.active = active  # False in the non-main processes of a multi-process run: log and write nothing
         self.cfg = cfg
         self.reports_dir = reports_dir
         self.metrics: dict[str, Any] = {}
@@ -64,7 +65,7 @@ class StageTracker:
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def start(self, params: dict[str, Any]) -> None:
-        if not self.cfg.enabled:
+        if not (self.cfg.enabled and self.active):
             return
         self._guard("start run", self._start, params)
 
@@ -127,18 +128,29 @@ class StageTracker:
             self._guard("log artifact", self._mlflow.log_artifact, str(path), artifact_path)
 
     def write_metrics_file(self) -> Path:
-        self.reports_dir.mkdir(parents=True, exist_ok=True)
         path = self.reports_dir / "metrics.json"
+        if not self.active:
+            return path
+        self.reports_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.metrics, indent=2, sort_keys=True, default=str) + "\n")
         return path
 
 
 @contextmanager
 def stage_run(
-    stage: str, cfg: TrackingConfig, params: dict[str, Any], reports_dir: str | Path
+    stage: str,
+    cfg: TrackingConfig,
+    params: dict[str, Any],
+    reports_dir: str | Path,
+    active: bool | None = None,
 ) -> Iterator[StageTracker]:
-    """One tracked stage execution; the MLflow run is FAILED if the body raises."""
-    tracker = StageTracker(stage, cfg, Path(reports_dir))
+    """One tracked stage execution; the MLflow run is FAILED if the body raises.
+
+    ``active`` defaults to "this is the main process" so that a multi-process stage logs once.
+    """
+    if active is None:
+        active = int(os.environ.get("RANK", "0")) == 0
+    tracker = StageTracker(stage, cfg, Path(reports_dir), active)
     tracker.start(params)
     try:
         yield tracker

@@ -76,6 +76,27 @@ class Batch:
     weights: torch.Tensor | None
     num_instance: int
 
+    def shard(self, rank: int, world: int) -> Batch:
+        """This process's rows of a global batch: its slice of the instance rows and of the prior rows."""
+        if world == 1:
+            return self
+        per = self.num_instance // world
+        rows = torch.arange(rank * per, (rank + 1) * per, device=self.noisy.device)
+        if self.noisy.shape[0] > self.num_instance:
+            rows = torch.cat([rows, rows + self.num_instance])
+
+        def pick(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x[rows]
+
+        return Batch(
+            pick(self.noisy),
+            pick(self.target),
+            pick(self.timesteps),
+            pick(self.embeds),
+            pick(self.weights),
+            per,
+        )
+
 
 @dataclass
 class TrainResult:
@@ -119,6 +140,7 @@ class DiffusionTrainer:
         self.params, self.store, self.tracker, self.acc = params, store, tracker, accelerator
         self.validate_images = validate_images
         self.device = accelerator.device
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.optimizer = make_optimizer(params.values(), cfg, self.device)
         self.lr_scheduler = make_lr_scheduler(self.optimizer, cfg)
         self.ema = EMAModel(list(params.values()), decay=cfg.ema_decay) if cfg.use_ema else None
@@ -132,9 +154,13 @@ class DiffusionTrainer:
 
     # -- one step -------------------------------------------------------------------------------------------
     def _batch(self, step: int) -> Batch:
-        """The noisy latents, targets, timesteps and embeddings of one step: instance rows first, then prior."""
+        """The global batch of one step (train_batch_size per process, instance rows first, then prior).
+
+        Every process draws the same global batch from the step's generator and keeps its own rows, so N
+        processes of batch b train like one process of batch N*b.
+        """
         g = step_generator(self.cfg.seed, step)
-        bs = self.cfg.train_batch_size
+        bs = self.cfg.train_batch_size * self.world
         inst = torch.randint(len(self.data.instance), (bs,), generator=g)
         parts = [(self.data.instance, inst, self.data.embeds("instance"))]
         if self.data.prior is not None:
@@ -164,7 +190,7 @@ class DiffusionTrainer:
         )
 
     def _losses(self, step: int) -> dict[str, torch.Tensor]:
-        b = self._batch(step)
+        b = self._batch(step).shard(self.rank, self.world)
         with self.acc.autocast():
             pred = self.unet(b.noisy, b.timesteps, b.embeds).sample
         per_sample = per_sample_mse(pred, b.target, b.weights)
@@ -180,9 +206,12 @@ class DiffusionTrainer:
     def train_step(self, step: int) -> dict[str, float]:
         """One optimisation step; raises NonFiniteLossError before touching the weights."""
         losses = self._losses(step)
-        if not torch.isfinite(losses["loss"]):
+        reported = {k: v.detach().clone() for k, v in losses.items()}
+        if self.world > 1:  # global means: every process takes the same NaN decision and logs the same values
+            reported = {k: self.acc.reduce(v, "mean") for k, v in reported.items()}
+        if not torch.isfinite(reported["loss"]):
             raise NonFiniteLossError(
-                f"non-finite loss ({losses['loss'].item()}) at step {step + 1}; weights were not updated. "
+                f"non-finite loss ({reported['loss'].item()}) at step {step + 1}; weights were not updated. "
                 f"Last good checkpoint: {self.store.latest() or 'none'}. Lower the learning rate or check the data."
             )
         self.acc.backward(losses["loss"])
@@ -193,7 +222,7 @@ class DiffusionTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.step(list(self.params.values()))
-        record = {k: float(v.detach()) for k, v in losses.items()}
+        record = {k: float(v) for k, v in reported.items()}
         record["lr"] = float(self.lr_scheduler.get_last_lr()[0])
         return record
 
@@ -212,8 +241,10 @@ class DiffusionTrainer:
         t = torch.linspace(steps * 0.05, steps * 0.95, PROBE_TIMESTEPS).long().repeat(n).to(self.device)
         noisy = self.scheduler.add_noise(latents, noise, t)
         target = diffusion_target(self.scheduler, latents, noise, t)
-        with self.acc.autocast():
-            pred = self.unet(noisy, t, embeds.expand(latents.shape[0], -1, -1)).sample
+        with (
+            self.acc.autocast()
+        ):  # the unwrapped model: no collective calls, every process gets the same value
+            pred = self.acc.unwrap_model(self.unet)(noisy, t, embeds.expand(latents.shape[0], -1, -1)).sample
         return float(per_sample_mse(pred, target).mean())
 
     def probes(self) -> dict[str, float]:
@@ -246,11 +277,14 @@ class DiffusionTrainer:
         )
         if self.ema is not None:
             state.tensors.update({f"__ema__.{i}": t for i, t in enumerate(self.ema.shadow_params)})
-        path = self.store.save(state)
-        log.info("checkpoint saved: %s", path)
+        if self.acc.is_main_process:
+            log.info("checkpoint saved: %s", self.store.save(state))
+        self.acc.wait_for_everyone()
 
     def _resume(self) -> int:
-        self.store.discard_stale()
+        if self.acc.is_main_process:
+            self.store.discard_stale()
+        self.acc.wait_for_everyone()
         latest = self.store.latest()
         if latest is None:
             return 0
@@ -287,7 +321,10 @@ class DiffusionTrainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        bar = tqdm(range(start, total), initial=start, total=total, desc="train", unit="step")
+        bar = tqdm(
+            range(start, total), initial=start, total=total, desc="train", unit="step",
+            disable=not self.acc.is_main_process,
+        )  # fmt: skip
         for step in bar:
             record = self.train_step(step)
             done = step + 1

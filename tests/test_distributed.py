@@ -1,0 +1,105 @@
+"""Several processes on CPU (gloo) through `accelerate launch`, started by compute.num_processes: the same class
+images as one process, and the same weights as one process with the same global batch."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+from safetensors.torch import load_file
+
+from stages import dreambooth
+from stages.compose import compose
+from stages.lib.config import load_config
+from stages.lib.distributed import launch_command
+from stages.lib.schema import ComputeConfig, PipelineConfig
+
+from .conftest import PROJECT_ROOT
+from .training_fixtures import TinyWorld, build_world
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> TinyWorld:
+    root = tmp_path_factory.mktemp("dist")
+    cfg = load_config(compose(root / "params.yaml", [], root=PROJECT_ROOT))
+    cfg.tracking.enabled = False
+    w = build_world(cfg, root)
+    w.cfg.dreambooth.max_train_steps = 6
+    w.cfg.dreambooth.checkpointing_steps = 3
+    w.cfg.dreambooth.num_validation_images = 0
+    return w
+
+
+def _params(cfg: PipelineConfig, path: Path, processes: int) -> Path:
+    cfg = copy.deepcopy(cfg)
+    cfg.compute.num_processes = processes
+    path.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    return path
+
+
+def _stage(module: str, params: Path, *args: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", module, "--params", str(params), *args], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_launch_command_uses_accelerate_with_the_configured_processes() -> None:
+    cmd = launch_command(ComputeConfig(num_processes=3), "stages.lora", ["--rank", "4"])
+    assert cmd[1:3] == ["-m", "accelerate.commands.launch"] and "--multi_gpu" in cmd
+    assert cmd[cmd.index("--num_processes") + 1] == "3" and cmd[-4:] == [
+        "--module",
+        "stages.lora",
+        "--rank",
+        "4",
+    ]
+
+
+def test_two_processes_make_the_same_class_images(world: TinyWorld, tmp_path: Path) -> None:
+    out, reports = tmp_path / "class2", tmp_path / "r2"
+    _stage("stages.class_images", _params(world.cfg, tmp_path / "p.yaml", 2), "--base", str(world.base_dir),
+           "--out", str(out), "--reports", str(reports))  # fmt: skip
+    metrics = json.loads((reports / "metrics.json").read_text())
+    assert (
+        metrics["num_processes"] == 2 and metrics["num_generated"] == world.cfg.class_images.num_class_images
+    )
+    names = sorted(p.name for p in world.class_dir.glob("class_*.png"))
+    assert sorted(p.name for p in out.glob("class_*.png")) == names, "no duplicated or missing index"
+    for name in names:
+        a = np.asarray(Image.open(out / name), dtype=np.int16)
+        b = np.asarray(Image.open(world.class_dir / name), dtype=np.int16)
+        assert np.abs(a - b).max() <= 1, name
+    # resumable as before: a rerun with two processes generates nothing
+    _stage("stages.class_images", tmp_path / "p.yaml", "--base", str(world.base_dir), "--out", str(out),
+           "--reports", str(reports))  # fmt: skip
+    assert json.loads((reports / "metrics.json").read_text())["num_generated"] == 0
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(world: TinyWorld, tmp_path: Path) -> None:
+    single = copy.deepcopy(world.cfg)
+    single.dreambooth.train_batch_size = 2
+    dreambooth.run(single, world.base_dir, tmp_path / "one", world.paths("one"))
+    paths = world.paths("two")
+    _stage("stages.dreambooth", _params(world.cfg, tmp_path / "p.yaml", 2), "--base", str(world.base_dir),
+           "--prepared", str(world.prepared), "--class-images", str(world.class_dir), "--out", str(tmp_path / "two"),
+           "--checkpoints", str(paths.checkpoint_dir), "--reports", str(paths.reports_dir))  # fmt: skip
+    name = "unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(tmp_path / "one" / name), load_file(tmp_path / "two" / name)
+    base = load_file(world.base_dir / name)
+    assert any(not torch.equal(a[k], base[k]) for k in a), "training changed the weights"
+    # gradients are all-reduced in another order than one process sums them; Adam normalises each update, so
+    # compare the whole update, not single elements: the two runs must agree to within 1% of what training moved
+    moved = sum(float((a[k] - base[k]).pow(2).sum()) for k in a) ** 0.5
+    apart = sum(float((a[k] - b[k]).pow(2).sum()) for k in a) ** 0.5
+    assert apart < 0.01 * moved, (apart, moved)
+    assert json.loads((paths.reports_dir / "metrics.json").read_text())["steps"] == 6
