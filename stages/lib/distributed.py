@@ -36,7 +36,9 @@ def barrier() -> None:
         from accelerate import PartialState
 
         # on CPU the process group is gloo, which PartialState only sets up when told so
-        PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")).wait_for_everyone()
+        PartialState(
+            cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+        ).wait_for_everyone()
 
 
 def _free_port() -> int:

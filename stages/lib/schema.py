@@ -179,7 +179,9 @@ class InferConfig:
     scheduler: str = ""  # empty keeps the pipeline's scheduler
     seed: int = 0
     variants: list[str] = field(default_factory=lambda: ["base", "dreambooth", "lora", "lora_extracted"])
-    all_ranks: bool = True  # the "lora" variant: every rank in lora.ranks (False: only the featured lora.rank)
+    all_ranks: bool = (
+        True  # the "lora" variant: every rank in lora.ranks (False: only the featured lora.rank)
+    )
     batch_size: int = 8  # images per pipeline call (prompts are batched)
 
 
