@@ -27,7 +27,6 @@ from transformers import (
 
 from stages import compare, dreambooth, infer, lora
 from stages.compose import compose
-from stages.lib.config import load_config
 from stages.lib.errors import StageError
 from stages.lib.image_metrics import embed, subject_similarity
 from stages.lib.inference import InferIndex, prompt_slugs
@@ -36,7 +35,7 @@ from stages.lib.tokenizer import build_clip_tokenizer
 from stages.sample_subject import SUBJECT, FaceAttributes, compose_photo
 
 from .conftest import PROJECT_ROOT
-from .training_fixtures import TinyWorld, build_world
+from .training_fixtures import TinyWorld, new_world
 
 OFFLINE_METRICS = {"face_detection_rate", "subject_similarity", "diversity", "subject_latent_rms"}
 VARIANTS = ["base", "dreambooth", "lora_r4", "lora_r8", "lora_r24"]
@@ -65,10 +64,8 @@ def _train(world: TinyWorld) -> None:
 
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory: pytest.TempPathFactory) -> Compared:
-    root = tmp_path_factory.mktemp("compare")
-    cfg = load_config(compose(root / "params.yaml", [], root=PROJECT_ROOT))
-    cfg.tracking.enabled = False
-    world = build_world(cfg, root)
+    world = new_world(tmp_path_factory, "compare")
+    root, cfg = world.root, world.cfg
     _train(world)
     cfg.tracking.enabled, cfg.tracking.uri = True, f"sqlite:///{root / 'mlflow.db'}"
     cfg.infer.num_inference_steps = 3

@@ -19,7 +19,6 @@ from safetensors.torch import load_file
 from stages import convert, dreambooth, lora
 from stages.base import file_sha256
 from stages.compose import compose
-from stages.lib.config import load_config
 from stages.lib.errors import StageError
 from stages.lib.export_checks import moved_towards, unet_probe
 from stages.lib.lora_extract import extract_lora, save_extracted, target_linears
@@ -30,7 +29,7 @@ from stages.lib.single_file import load_single_file
 
 from .conftest import PROJECT_ROOT
 from .test_single_file import write_config_dir
-from .training_fixtures import RES, TinyWorld, build_world, tiny_training_cfg
+from .training_fixtures import RES, TinyWorld, new_world, tiny_training_cfg
 
 RANKS, FEATURED, STEPS = [2, 4], 4, 4
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -49,10 +48,8 @@ def one_thread() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> TinyWorld:
     """Base, DreamBooth and LoRAs of ranks 2 and 4, each trained for a few steps."""
-    root = tmp_path_factory.mktemp("convert")
-    cfg = load_config(compose(root / "params.yaml", [], root=PROJECT_ROOT))
-    cfg.tracking.enabled = False
-    world = build_world(cfg, root)
+    world = new_world(tmp_path_factory, "convert")
+    root, cfg = world.root, world.cfg
     tiny_training_cfg(cfg, steps=STEPS)
     for train in (cfg.dreambooth, cfg.lora.train):
         train.num_validation_images = 0

@@ -17,23 +17,17 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from stages import dreambooth
-from stages.compose import compose
-from stages.lib.config import load_config
 from stages.lib.distributed import launch_command
 from stages.lib.schema import ComputeConfig, PipelineConfig
 
-from .conftest import PROJECT_ROOT
-from .training_fixtures import TinyWorld, build_world
+from .training_fixtures import TinyWorld, new_world
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> TinyWorld:
-    root = tmp_path_factory.mktemp("dist")
-    cfg = load_config(compose(root / "params.yaml", [], root=PROJECT_ROOT))
-    cfg.tracking.enabled = False
-    w = build_world(cfg, root)
+    w = new_world(tmp_path_factory, "dist")
     w.cfg.dreambooth.max_train_steps = 6
     w.cfg.dreambooth.checkpointing_steps = 3
     w.cfg.dreambooth.num_validation_images = 0

@@ -71,3 +71,24 @@ def test_lora_fp16_on_cuda(world: TinyWorld, optimizer_types: list[str]) -> None
     assert torch.isfinite(torch.tensor(metrics["final_loss"]))
     assert metrics["val_loss"] <= metrics["val_loss_start"]
     assert (world.root / "lora4" / lora.WEIGHT_NAME).is_file()
+
+
+def test_infer_fp16_on_cuda_is_seeded(world: TinyWorld) -> None:
+    from stages import infer
+
+    db = world.root / "db"
+    if not db.exists():
+        dreambooth.run(world.cfg, world.base_dir, db, world.paths("db"))
+    cfg = copy.deepcopy(world.cfg)
+    cfg.lora.ranks, cfg.lora.rank = [4], 4
+    if not (world.root / "lora" / "r4").exists():
+        lora.run(cfg, 4, db, world.root / "lora" / "r4", world.paths("lora4b"))
+    cfg.infer.prompts, cfg.infer.num_inference_steps = cfg.infer.prompts[:2], 5
+    outs = []
+    for name in ("a", "b"):
+        paths = infer.InferPaths(world.base_dir, db, world.root / "lora", None, world.root / f"infer_{name}",
+                                 world.root / f"reports_{name}")  # fmt: skip
+        infer.run(cfg, paths)
+        outs.append(sorted((world.root / f"infer_{name}").rglob("*.png")))
+    assert outs[0] and [p.name for p in outs[0]] == [p.name for p in outs[1]]
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(*outs, strict=True)), "same seed, same images"

@@ -20,24 +20,23 @@ from safetensors.torch import load_file
 from stages import dreambooth, lora
 from stages.compose import compose
 from stages.lib import losses
-from stages.lib.config import load_config, to_flat_dict
+from stages.lib.config import to_flat_dict
 from stages.lib.errors import StageError
 from stages.lib.subject_metrics import nearest_subject_distance, sample_latents
 from stages.lib.train_data import encode_latents, load_instance_set
 from stages.lib.training import NonFiniteLossError
 
 from .conftest import PROJECT_ROOT
-from .training_fixtures import RES, TinyWorld, build_world
+from .training_fixtures import RES, TinyWorld, new_world
 
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> TinyWorld:
-    root = tmp_path_factory.mktemp("world")
-    cfg = load_config(compose(root / "params.yaml", [], root=PROJECT_ROOT))
-    cfg.tracking.uri = f"sqlite:///{root / 'mlflow.db'}"
-    return build_world(cfg, root)
+    return new_world(
+        tmp_path_factory, "world", tracking_uri=f"sqlite:///{tmp_path_factory.getbasetemp() / 'mlflow.db'}"
+    )
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,10 @@ from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
 from stages import dreambooth
-from stages.compose import compose
-from stages.lib.config import load_config
 from stages.lib.losses import min_snr_weights, sample_noise
 from stages.lib.train_data import face_weight_maps
 
-from .conftest import PROJECT_ROOT
-from .training_fixtures import TinyWorld, build_world, tiny_training_cfg
+from .training_fixtures import TinyWorld, new_world, tiny_training_cfg
 
 UNET = "unet/diffusion_pytorch_model.safetensors"
 TEXT = "text_encoder/model.safetensors"
@@ -26,10 +23,7 @@ TEXT = "text_encoder/model.safetensors"
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> TinyWorld:
-    root = tmp_path_factory.mktemp("options")
-    cfg = load_config(compose(root / "params.yaml", [], root=PROJECT_ROOT))
-    cfg.tracking.enabled = False
-    w = build_world(cfg, root)
+    w = new_world(tmp_path_factory, "options")
     tiny_training_cfg(w.cfg, steps=10)
     return w
 
@@ -133,3 +127,12 @@ def test_holdout_validation_reports_best_step(world, baseline) -> None:
     )
     assert metrics["best_val_step"] in (5.0, 10.0)
     assert metrics["best_val_loss"] <= metrics["val_loss"]
+
+
+def test_gradient_checkpointing_trains_the_same_steps(world, baseline) -> None:
+    metrics, rows, _ = train(world, "checkpointing", gradient_checkpointing=True)
+    first, base_first = float(rows[0]["loss"]), float(baseline[1][0]["loss"])
+    assert abs(first - base_first) < 1e-5 * max(1.0, abs(base_first)), (
+        "recomputation must not change the loss"
+    )
+    assert metrics["steps"] == baseline[0]["steps"]

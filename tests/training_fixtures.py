@@ -73,3 +73,17 @@ def build_world(cfg: PipelineConfig, root: Path) -> TinyWorld:
     class_dir = root / "data" / "class_images"
     class_images.run(cfg, base_dir, class_dir, root / "reports" / "class_images")
     return TinyWorld(cfg, root, base_dir, write_subject(root / "data" / "prepared"), class_dir)
+
+
+def new_world(factory, name: str, tracking_uri: str | None = None) -> TinyWorld:
+    """A tiny world in a fresh temporary folder, from the tiny profile composed like DVC does."""
+    from stages.compose import compose  # imports DVC, which the GPU machine does not have
+    from stages.lib.config import load_config
+
+    from .conftest import PROJECT_ROOT
+
+    root = factory.mktemp(name)
+    cfg = load_config(compose(root / "params.yaml", [], root=PROJECT_ROOT))
+    cfg.tracking.enabled = tracking_uri is not None
+    cfg.tracking.uri = tracking_uri or ""
+    return build_world(cfg, root)
