@@ -19,6 +19,7 @@ from pathlib import Path
 from diffusers import AutoencoderKL
 from PIL import Image
 
+from stages.lib.attribute_reader import READER_DIR, AttributeReader, load_reader
 from stages.lib.cli import stage_main
 from stages.lib.config import to_flat_dict
 from stages.lib.errors import StageError
@@ -28,6 +29,8 @@ from stages.lib.inference import InferIndex
 from stages.lib.models import resolve_device
 from stages.lib.schema import PipelineConfig
 from stages.lib.tracking import stage_run
+from stages.lib.world_metrics import DESCRIPTIONS as WORLD_METRICS
+from stages.lib.world_metrics import Reading, class_scores, fidelity_scores, subject_scores
 from stages.lora import featured_lora_dir
 
 Cell = str | list[Path]
@@ -39,7 +42,9 @@ LABELS = {"base": "base model", "dreambooth": "DreamBooth UNet", "lora_extracted
 class ComparePaths:
     infer: Path
     prepared: Path
-    base: Path | None  # its VAE encodes the prepared photos for subject_latent_rms
+    base: (
+        Path | None
+    )  # its VAE encodes the prepared photos for subject_latent_rms; its attribute reader (tiny)
     reports: Path
 
 
@@ -99,6 +104,29 @@ def build_suite(cfg: PipelineConfig, index: InferIndex, paths: ComparePaths) -> 
     return suite
 
 
+def world_scores(
+    reader: AttributeReader, subject: Reading, index: InferIndex, variant: str, token: str
+) -> dict[str, float]:
+    """The miniature world's metrics of one variant, read off its images by the attribute reader."""
+    readings = {p: reader.read(ims) for p, ims in index.images(variant).items()}
+    with_token = [r for p, rs in readings.items() if token in p.split() for r in rs]
+    scores = {**subject_scores(with_token, subject), **fidelity_scores(readings)}
+    probe = index.class_prompt_images(variant)
+    return scores | (class_scores(reader.read(probe), subject) if len(probe) > 1 else {})
+
+
+def load_world_reader(base: Path | None, suite: MetricSuite) -> tuple[AttributeReader, Reading] | None:
+    """The base model's attribute reader and subject, or None (noted as skipped) when it has none."""
+    loaded = load_reader(base / READER_DIR) if base is not None else None
+    if loaded is None:
+        suite.skipped["subject_rate etc."] = (
+            f"no attribute reader in {base}/{READER_DIR} (only the embedded miniature world has one)"
+        )
+        return None
+    reader, info = loaded
+    return reader, dict(info["subject"])
+
+
 def comparison_section(index: InferIndex, columns: list[str], reports: Path) -> Section:
     """The seed's table: rows = prompts, columns = DreamBooth and the featured LoRA (also as one image)."""
     save_image(index.grid(columns, index.prompts), reports / "comparison.png")
@@ -122,11 +150,12 @@ def rank_study_section(cfg: PipelineConfig, index: InferIndex, reports: Path) ->
 def metrics_sections(
     metrics: dict[str, dict[str, float]], suite: MetricSuite, index: InferIndex
 ) -> list[Section]:
-    names = [m for m in METRICS if any(m in row for row in metrics.values())]
+    described = {**METRICS, **WORLD_METRICS}
+    names = [m for m in described if any(m in row for row in metrics.values())]
     rows: list[list[Cell]] = [
         [v, *(f"{row[m]:.4f}" if m in row else "-" for m in names)] for v, row in metrics.items()
     ]
-    notes = [f"computed `{m}`: {METRICS[m]}" for m in names]
+    notes = [f"computed `{m}`: {described[m]}" for m in names]
     notes += [f"skipped `{m}`: {why}" for m, why in suite.skipped.items()]
     notes += [f"variant `{v}` not generated: {why}" for v, why in index.skipped.items()]
     return [
@@ -208,6 +237,10 @@ def run(cfg: PipelineConfig, paths: ComparePaths) -> dict[str, dict[str, float]]
         (paths.reports / name).unlink(missing_ok=True)
     with stage_run("compare", cfg.tracking, params, paths.reports) as tracker:
         metrics = {v: suite.score(index.images(v), index.latents(v)) for v in index.variants}
+        world = load_world_reader(paths.base, suite)
+        if world is not None:
+            for v in index.variants:
+                metrics[v] |= world_scores(*world, index, v, cfg.data.instance_token)
         sections = [
             comparison_section(index, columns, paths.reports),
             rank_study_section(cfg, index, paths.reports),

@@ -22,7 +22,14 @@ from stages.lib.cli import stage_main
 from stages.lib.config import to_flat_dict
 from stages.lib.errors import StageError
 from stages.lib.images import save_image
-from stages.lib.inference import Generation, InferIndex, generate, prompt_slugs, sampling_kwargs
+from stages.lib.inference import (
+    Generation,
+    InferIndex,
+    generate,
+    generate_class_probe,
+    prompt_slugs,
+    sampling_kwargs,
+)
 from stages.lib.models import load_pipeline, resolve_device
 from stages.lib.outputs import atomic_dir
 from stages.lib.schema import PipelineConfig
@@ -94,14 +101,31 @@ def _sample(
     pipe: StableDiffusionPipeline, variant: Variant, cfg: PipelineConfig, out_dir: Path
 ) -> Generation:
     """Generate one variant, loading its LoRA under its own adapter name and unloading it afterwards."""
-    kwargs = {**sampling_kwargs(cfg.infer), "out_dir": out_dir, "variant": variant.name}
     if variant.lora is None:
-        return generate(pipe, cfg.infer.prompts, **kwargs)
+        return _sample_prompts(pipe, variant, cfg, out_dir)
     pipe.load_lora_weights(variant.lora, weight_name=WEIGHT_NAME, adapter_name=variant.name)
     try:
-        return generate(pipe, cfg.infer.prompts, **kwargs)
+        return _sample_prompts(pipe, variant, cfg, out_dir)
     finally:
         pipe.unload_lora_weights()
+
+
+def _sample_prompts(
+    pipe: StableDiffusionPipeline, variant: Variant, cfg: PipelineConfig, out_dir: Path
+) -> Generation:
+    """The prompt list, then ``infer.class_prompt_images`` images of the class prompt (kept in ``class_files``)."""
+    result = generate(
+        pipe, cfg.infer.prompts, **sampling_kwargs(cfg.infer), out_dir=out_dir, variant=variant.name
+    )
+    if cfg.infer.class_prompt_images > 0:
+        result.class_files = generate_class_probe(
+            pipe,
+            cfg.data.class_prompt,
+            cfg.infer.class_prompt_images,
+            out_dir / variant.name,
+            **sampling_kwargs(cfg.infer),
+        )
+    return result
 
 
 def generate_variants(cfg: PipelineConfig, variants: list[Variant], out_dir: Path) -> dict[str, Generation]:
@@ -146,8 +170,18 @@ def run(cfg: PipelineConfig, paths: InferPaths) -> dict[str, float]:
         with atomic_dir(paths.out) as tmp:
             results = generate_variants(cfg, variants, tmp)
             settings = sampling_kwargs(cfg.infer)
+            class_images = {
+                name: [f.relative_to(tmp).as_posix() for f in gen.class_files]
+                for name, gen in results.items()
+            }
             InferIndex.from_results(
-                tmp, results, settings=settings, lora_ranks=ranks, skipped=skipped
+                tmp,
+                results,
+                settings=settings,
+                lora_ranks=ranks,
+                skipped=skipped,
+                class_prompt=cfg.data.class_prompt if cfg.infer.class_prompt_images > 0 else "",
+                class_images=class_images if cfg.infer.class_prompt_images > 0 else {},
             ).write()
         seconds = time.perf_counter() - start
         log_grids(InferIndex.load(paths.out), paths.reports, tracker)

@@ -27,7 +27,15 @@ def tiny_params(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def tiny_cfg(tiny_params: Path, tmp_path: Path) -> PipelineConfig:
-    """The tiny configuration with MLflow tracking into a temporary SQLite store."""
+    """The tiny configuration with MLflow tracking into a temporary SQLite store, without the (minutes-long)
+    pretraining on the miniature world: tests of the pretraining turn it on at a small size."""
     cfg = load_config(tiny_params)
     cfg.tracking.uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return without_pretraining(cfg)
+
+
+def without_pretraining(cfg: PipelineConfig) -> PipelineConfig:
+    """The tiny default left at its seeded random initialisation (no world, no attribute reader)."""
+    cfg.model.tiny.pretrain.max_train_steps = 0
+    cfg.model.tiny.world.reader_steps = 0
     return cfg

@@ -108,7 +108,7 @@ def test_report_shows_every_prompt_and_variant(compared) -> None:
         assert all(variant in text for variant in VARIANTS)
         assert "Rank study: a photo of sks man face in a forest" in text
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
-    assert len(links) == 1 + 2 * 2 * len(cfg.infer.prompts) and all(
+    assert len(links) == 1 + 2 * cfg.infer.num_images_per_prompt * len(cfg.infer.prompts) and all(
         (reports / link).is_file() for link in links
     )
     sources = re.findall(r'<img src="([^"]+)"', page)

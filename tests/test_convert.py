@@ -133,7 +133,7 @@ def test_kohya_file_is_detected_and_loaded_by_diffusers_own_loader(world, export
     tensors = load_file(path)
     assert all(key.startswith("lora_unet_") for key in tensors)
     assert (
-        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0.lora_down.weight" in tensors
+        "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_out_0.lora_down.weight" in tensors
     )
     assert {t.item() for k, t in tensors.items() if k.endswith(".alpha")} == {float(FEATURED)}
     _, alphas = StableDiffusionPipeline.lora_state_dict(str(path))

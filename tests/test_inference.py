@@ -25,7 +25,7 @@ from stages.lib.inference import (
 )
 from stages.lib.models import load_pipeline
 
-from .conftest import PROJECT_ROOT
+from .conftest import PROJECT_ROOT, without_pretraining
 
 PROMPTS = ["a photo of sks man face in a kitchen", "anime style portrait of sks man face"]
 SETTINGS = {"seed": 3, "height": 64, "width": 64, "num_inference_steps": 3, "num_images_per_prompt": 2}
@@ -34,7 +34,7 @@ SETTINGS = {"seed": 3, "height": 64, "width": 64, "num_inference_steps": 3, "num
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory: pytest.TempPathFactory) -> StableDiffusionPipeline:
     root = tmp_path_factory.mktemp("inference")
-    cfg = load_config(compose(root / "params.yaml", [], root=PROJECT_ROOT))
+    cfg = without_pretraining(load_config(compose(root / "params.yaml", [], root=PROJECT_ROOT)))
     cfg.tracking.enabled = False
     base.run(cfg, root / "base", root / "reports")
     return load_pipeline(root / "base")

@@ -36,6 +36,21 @@ STAGE_RUNS = {
 }
 
 
+# The default pretrains the miniature for minutes; the end-to-end test checks the wiring with a short one.
+SHORT_PRETRAINING = """
+model:
+  tiny:
+    world:
+      num_images: 300
+      reader_steps: 60
+    pretrain:
+      max_train_steps: 40
+      checkpointing_steps: 20
+      validation_steps: 20
+      num_validation_images: 2
+"""
+
+
 def _sh(cwd: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
     env.pop("DVC_ROOT", None)
@@ -62,6 +77,9 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         if (PROJECT_ROOT / name).is_file():
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(PROJECT_ROOT / name, root / name)
+    with (root / "conf/profile/tiny.yaml").open("a") as fh:  # a short pretraining: the suite's time budget
+        fh.write(SHORT_PRETRAINING)
+    _sh(root, "python", "-m", "stages.compose")
     _sh(root, "git", "init", "-q")
     _sh(root, "git", "add", "-A")
     _sh(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "clone")
@@ -79,6 +97,17 @@ def test_repro_writes_every_stage_output(repo: Path) -> None:
     assert (repo / "models/dreambooth/unet/diffusion_pytorch_model.safetensors").is_file()
     for rank in (4, 8, 24):
         assert (repo / f"models/lora/r{rank}/pytorch_lora_weights.safetensors").is_file()
+    base = json.loads((repo / "reports/base/metrics.json").read_text())
+    assert base["pretrain_steps"] == 40 and base["pretrain_val_loss"] < base["pretrain_val_loss_start"]
+    assert (
+        base["reader_accuracy_scene"] > 0.5 and (repo / "models/base/attribute_reader/reader.json").is_file()
+    )
+    assert len((repo / "reports/base/loss.csv").read_text().splitlines()) == 41
+    compared = json.loads((repo / "reports/compare/metrics.json").read_text())
+    for variant in ("base", "dreambooth", "lora_r24"):
+        row = compared[variant]
+        assert 0 <= row["subject_rate"] <= 1 and 0 <= row["scene_fidelity"] <= 1 and "class_diversity" in row
+    assert "subject_rate" in (repo / "reports/compare/README.md").read_text()
     db = json.loads((repo / "reports/dreambooth/metrics.json").read_text())
     assert db["val_loss"] < db["val_loss_start"]
     metrics = _sh(repo, "dvc", "metrics", "show", "--json").stdout
@@ -98,7 +127,7 @@ def test_mlflow_has_one_tagged_run_per_stage(repo: Path) -> None:
     artifacts = [a.path for a in client.list_artifacts(prep.info.run_id, "prep")]
     assert "prep/contact_sheet.png" in artifacts, artifacts
     history = client.get_metric_history(by_stage["dreambooth"].info.run_id, "loss")
-    assert len(history) == 60
+    assert len(history) == 400  # dreambooth.max_train_steps of the tiny profile
 
 
 def test_second_repro_is_up_to_date_and_rank_switch_retrains_nothing(repo: Path) -> None:

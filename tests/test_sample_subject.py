@@ -10,9 +10,10 @@ from PIL import Image, ImageOps
 
 from stages import prep, sample_subject
 from stages.lib.config import ConfigError
+from stages.lib.face_render import SUBJECT, draw_face
 from stages.lib.faces import detect_faces
 from stages.lib.schema import PipelineConfig, SampleSubjectConfig
-from stages.sample_subject import EXIF_ORIENTATION_TAG, SUBJECT, draw_face, encode_orientation
+from stages.sample_subject import EXIF_ORIENTATION_TAG, encode_orientation
 
 NUM = 6
 

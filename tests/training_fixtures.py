@@ -13,6 +13,8 @@ from stages.lib.finetune import FinetunePaths
 from stages.lib.manifest import MANIFEST, Manifest, ManifestEntry
 from stages.lib.schema import PipelineConfig
 
+from .conftest import without_pretraining
+
 RES = 64
 
 
@@ -52,7 +54,8 @@ def write_subject(folder: Path, count: int = 6) -> Path:
 
 
 def tiny_training_cfg(cfg: PipelineConfig, steps: int = 30) -> PipelineConfig:
-    """Shrink the tiny profile further so that each training test takes a few seconds."""
+    """Shrink the tiny profile further so that each training test takes a few seconds (no pretraining)."""
+    without_pretraining(cfg)
     for train in (cfg.dreambooth, cfg.lora.train):
         train.max_train_steps = steps
         train.checkpointing_steps = 10

@@ -116,6 +116,7 @@ def make_validation_hook(
                 prompt,
                 num_images_per_prompt=cfg.num_validation_images,
                 num_inference_steps=cfg.validation_inference_steps,
+                guidance_scale=cfg.validation_guidance_scale,
                 height=cfg.resolution,
                 width=cfg.resolution,
                 generator=torch.Generator().manual_seed(cfg.seed),

@@ -58,6 +58,10 @@ def short_labels(prompts: Sequence[str]) -> list[str]:
     ]
 
 
+CLASS_PROBE_DIR = "class_prompt"
+CLASS_PROBE_SEED = 10_000_000  # class-prompt images never share a seed with the prompt list's
+
+
 def image_name(index: int) -> str:
     return f"{index:02d}.png"
 
@@ -93,6 +97,7 @@ class Generation:
     latents: dict[str, torch.Tensor] = field(default_factory=dict)
     files: dict[str, list[Path]] = field(default_factory=dict)
     seeds: dict[str, list[int]] = field(default_factory=dict)
+    class_files: list[Path] = field(default_factory=list)  # the class-prompt probe images, when made
 
 
 @contextmanager
@@ -193,6 +198,18 @@ def generate(
     return result
 
 
+def generate_class_probe(
+    pipe: StableDiffusionPipeline, class_prompt: str, count: int, variant_dir: Path, **sampling: Any
+) -> list[Path]:
+    """``count`` seeded images of the class prompt into ``<variant_dir>/class_prompt/`` (seeds after the prompts')."""
+    sampling = {**sampling, "num_images_per_prompt": count, "seed": int(sampling["seed"]) + CLASS_PROBE_SEED}
+    result = generate(pipe, [class_prompt], variant=f"{variant_dir.name} class prompt", **sampling)
+    return [
+        save_image(im, variant_dir / CLASS_PROBE_DIR / image_name(i))
+        for i, im in enumerate(result.images[class_prompt])
+    ]
+
+
 def _check_request(prompts: list[str], num_images_per_prompt: int, batch_size: int) -> None:
     """Refuse requests whose images could not be named or seeded unambiguously."""
     if not prompts:
@@ -218,6 +235,8 @@ class InferIndex:
     settings: dict[str, Any]
     lora_ranks: dict[str, int] = field(default_factory=dict)  # LoRA variant -> rank
     skipped: dict[str, str] = field(default_factory=dict)  # variant -> why it was not generated
+    class_prompt: str = ""  # the class prompt sampled per variant (language drift, class diversity)
+    class_images: dict[str, list[str]] = field(default_factory=dict)  # variant -> files of the class prompt
     _images: dict[str, dict[str, list[Image.Image]]] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -252,6 +271,10 @@ class InferIndex:
         if variant not in self._images:
             self._images[variant] = {p: [_read(f) for f in self.files(variant, p)] for p in self.prompts}
         return self._images[variant]
+
+    def class_prompt_images(self, variant: str) -> list[Image.Image]:
+        """The variant's images of the class prompt (empty when infer.class_prompt_images=0)."""
+        return [_read(self.root / f) for f in self.class_images.get(variant, [])]
 
     def latents(self, variant: str) -> torch.Tensor | None:
         """All latents of a variant (N, C, h, w), or None when the file is absent."""

@@ -12,20 +12,91 @@ from dataclasses import dataclass, field
 
 
 @dataclass
+class TrainConfig:
+    """Settings shared by DreamBooth and LoRA training (one loop serves both)."""
+
+    resolution: int = 512
+    train_batch_size: int = 1
+    learning_rate: float = 2e-6
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    max_train_steps: int = 800
+    optimizer: str = "adamw8bit"  # adamw8bit | adamw | prodigy
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    with_prior_preservation: bool = True
+    prior_loss_weight: float = 1.0
+    train_text_encoder: bool = False
+    mixed_precision: str = "bf16"  # no | fp16 | bf16 (CUDA only; CPU always trains in fp32)
+    gradient_checkpointing: bool = False
+    snr_gamma: float = 0.0  # 0 disables min-SNR weighting
+    noise_offset: float = 0.0
+    face_loss_weight: float = 1.0  # >1 weights the face box from prep's manifest; 1 disables masking
+    use_ema: bool = False
+    ema_decay: float = 0.999
+    checkpointing_steps: int = 200
+    checkpoints_total_limit: int = 2
+    validation_steps: int = 200
+    num_validation_images: int = 2
+    validation_inference_steps: int = 25
+    validation_guidance_scale: float = 7.5
+    validation_holdout: int = (
+        0  # instance images kept out of training for the validation loss (0: fixed probes)
+    )
+    num_probes: int = 4  # images used by the fixed-noise probe losses
+    seed: int = 0
+
+
+@dataclass
+class WorldConfig:
+    """The miniature world of faces the tiny default is pretrained on (stages/lib/world.py)."""
+
+    num_images: int = 2000
+    caption_dropout: float = 0.1  # share of empty captions (classifier-free guidance)
+    seed: int = 0
+    reader_steps: int = 600  # attribute reader training steps (0: no reader)
+    reader_noise: float = 0.5  # latent noise (x latent std) on the reader's training images
+
+
+@dataclass
 class TinyModelConfig:
-    """Sizes of the embedded, randomly initialised SD-architecture pipeline."""
+    """Sizes of the embedded SD-architecture pipeline, and its pretraining on the miniature world."""
 
     seed: int = 0
     sample_size: int = 64  # pixels; latents are sample_size / 4
     unet_channels: list[int] = field(default_factory=lambda: [32, 64])
     unet_layers_per_block: int = 1
+    unet_norm_groups: int = 16
     attention_head_dim: int = 8
-    vae_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    vae_channels: list[int] = field(default_factory=lambda: [16, 16, 16])
+    vae_norm_groups: int = 4
     latent_channels: int = 4
     text_hidden_size: int = 32
     text_layers: int = 2
     text_heads: int = 4
     text_intermediate_size: int = 64
+    world: WorldConfig = field(default_factory=WorldConfig)
+    pretrain: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            resolution=64,
+            train_batch_size=32,
+            learning_rate=4e-3,
+            lr_scheduler="cosine",
+            lr_warmup_steps=50,
+            max_train_steps=1000,  # 0: keep the random initialisation
+            optimizer="adamw",
+            with_prior_preservation=False,
+            snr_gamma=5.0,
+            checkpointing_steps=250,
+            validation_steps=250,
+            num_validation_images=8,
+            validation_inference_steps=20,
+            validation_guidance_scale=3.0,
+        )
+    )
 
 
 @dataclass
@@ -83,44 +154,6 @@ class ClassImagesConfig:
     sample_batch_size: int = 4
     num_inference_steps: int = 50
     guidance_scale: float = 7.5
-    seed: int = 0
-
-
-@dataclass
-class TrainConfig:
-    """Settings shared by DreamBooth and LoRA training (one loop serves both)."""
-
-    resolution: int = 512
-    train_batch_size: int = 1
-    learning_rate: float = 2e-6
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    max_train_steps: int = 800
-    optimizer: str = "adamw8bit"  # adamw8bit | adamw | prodigy
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    with_prior_preservation: bool = True
-    prior_loss_weight: float = 1.0
-    train_text_encoder: bool = False
-    mixed_precision: str = "bf16"  # no | fp16 | bf16 (CUDA only; CPU always trains in fp32)
-    gradient_checkpointing: bool = False
-    snr_gamma: float = 0.0  # 0 disables min-SNR weighting
-    noise_offset: float = 0.0
-    face_loss_weight: float = 1.0  # >1 weights the face box from prep's manifest; 1 disables masking
-    use_ema: bool = False
-    ema_decay: float = 0.999
-    checkpointing_steps: int = 200
-    checkpoints_total_limit: int = 2
-    validation_steps: int = 200
-    num_validation_images: int = 2
-    validation_inference_steps: int = 25
-    validation_holdout: int = (
-        0  # instance images kept out of training for the validation loss (0: fixed probes)
-    )
-    num_probes: int = 4  # images used by the fixed-noise probe losses
     seed: int = 0
 
 
@@ -183,6 +216,7 @@ class InferConfig:
         True  # the "lora" variant: every rank in lora.ranks (False: only the featured lora.rank)
     )
     batch_size: int = 8  # images per pipeline call (prompts are batched)
+    class_prompt_images: int = 4  # per variant, of data.class_prompt: language drift and class diversity
 
 
 @dataclass

@@ -1,4 +1,8 @@
-"""The embedded default: a tiny, seeded, randomly initialised pipeline with the real SD1.5 component classes."""
+"""The embedded default: a tiny, seeded pipeline with the real SD1.5 component classes.
+
+The UNet and the text encoder start random (the ``base`` stage then pretrains the UNet on the miniature world); the
+VAE is hand-set to a colour-preserving 4x autoencoder (stages/lib/tiny_vae.py).
+"""
 
 from __future__ import annotations
 
@@ -10,13 +14,14 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from stages.lib.models import SD15_CONFIG_DIR
 from stages.lib.schema import TinyModelConfig
+from stages.lib.tiny_vae import make_colour_preserving
 from stages.lib.tokenizer import MODEL_MAX_LENGTH, VOCAB_SIZE, build_clip_tokenizer
 
 VAE_SCALE = 4  # three VAE blocks downsample twice
 
 
 def tiny_unet(cfg: TinyModelConfig) -> UNet2DConditionModel:
-    """SD1.5's UNet layout in miniature: cross-attention down/up blocks, a plain innermost block."""
+    """SD1.5's UNet blocks in miniature; cross-attention on the lower-resolution levels only (the 2-core budget)."""
     n = len(cfg.unet_channels)
     return UNet2DConditionModel(
         sample_size=cfg.sample_size // VAE_SCALE,
@@ -24,19 +29,20 @@ def tiny_unet(cfg: TinyModelConfig) -> UNet2DConditionModel:
         out_channels=cfg.latent_channels,
         block_out_channels=tuple(cfg.unet_channels),
         layers_per_block=cfg.unet_layers_per_block,
-        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        norm_num_groups=cfg.unet_norm_groups,
         cross_attention_dim=cfg.text_hidden_size,
         attention_head_dim=cfg.attention_head_dim,
     )
 
 
 def tiny_vae(cfg: TinyModelConfig) -> AutoencoderKL:
-    """An AutoencoderKL with SD's block types; len(vae_channels) - 1 halvings of the resolution."""
+    """An AutoencoderKL with SD's block types and colour-preserving hand-set weights (4x downsampling)."""
     n = len(cfg.vae_channels)
     if 2 ** (n - 1) != VAE_SCALE:
         raise ValueError(f"model.tiny.vae_channels must have 3 entries (downsampling x{VAE_SCALE}), got {n}")
-    return AutoencoderKL(
+    vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * n,
@@ -45,7 +51,12 @@ def tiny_vae(cfg: TinyModelConfig) -> AutoencoderKL:
         layers_per_block=1,
         latent_channels=cfg.latent_channels,
         sample_size=cfg.sample_size,
+        norm_num_groups=cfg.vae_norm_groups,
     )
+    try:
+        return make_colour_preserving(vae)
+    except ValueError as err:
+        raise ValueError(f"model.tiny.vae_channels / vae_norm_groups: {err}") from err
 
 
 def tiny_text_encoder(cfg: TinyModelConfig) -> CLIPTextModel:

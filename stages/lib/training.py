@@ -41,7 +41,7 @@ class TrainingData:
     """Everything the hot loop reads, already on the device: latents, face maps, prompt embeddings."""
 
     instance: LatentCache
-    instance_embeds: torch.Tensor  # (1, 77, D)
+    instance_embeds: torch.Tensor  # (1, 77, D) one prompt, or (N, 77, D) one caption per instance image
     instance_weights: torch.Tensor | None = None  # (N, 1, h, w) face maps, mean 1
     class_probe: LatentCache | None = None  # class images: the prior-preservation term and the class probe
     class_embeds: torch.Tensor | None = None
@@ -58,6 +58,15 @@ class TrainingData:
         if self.text_encoder is None or ids is None:
             return cached
         return self.text_encoder(ids)[0]
+
+    def rows(self, kind: str, index: torch.Tensor) -> torch.Tensor | None:
+        """The prompt embeddings of the images ``index`` of ``kind``: per-image captions or one shared prompt."""
+        embeds = self.embeds(kind)
+        if embeds is None:
+            return None
+        if embeds.shape[0] > 1:
+            return embeds[index.to(embeds.device)]
+        return embeds.expand(index.shape[0], -1, -1)
 
     @property
     def prior(self) -> LatentCache | None:
@@ -162,15 +171,15 @@ class DiffusionTrainer:
         g = step_generator(self.cfg.seed, step)
         bs = self.cfg.train_batch_size * self.world
         inst = torch.randint(len(self.data.instance), (bs,), generator=g)
-        parts = [(self.data.instance, inst, self.data.embeds("instance"))]
+        parts = [(self.data.instance, inst, "instance")]
         if self.data.prior is not None:
             prior = torch.randint(len(self.data.prior), (bs,), generator=g)
-            parts.append((self.data.prior, prior, self.data.embeds("class")))
+            parts.append((self.data.prior, prior, "class"))
         latents, embeds = [], []
-        for cache, idx, emb in parts:
+        for cache, idx, kind in parts:
             latent_noise = torch.randn((bs, *cache.mean.shape[1:]), generator=g).to(self.device)
             latents.append(cache.sample(idx.to(self.device), latent_noise))
-            embeds.append(emb.expand(bs, -1, -1))
+            embeds.append(self.data.rows(kind, idx))
         x0 = torch.cat(latents)
         noise = sample_noise(tuple(x0.shape), g, self.cfg.noise_offset).to(self.device)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (x0.shape[0],), generator=g).to(
@@ -230,10 +239,10 @@ class DiffusionTrainer:
     @torch.no_grad()
     def probe_loss(self, cache: LatentCache | None, kind: str) -> float:
         """Denoising loss with fixed noise and timesteps on up to ``num_probes`` images: comparable across steps."""
-        embeds = self.data.embeds(kind)
-        if cache is None or embeds is None:
+        if cache is None or self.data.embeds(kind) is None:
             return math.nan
         n = min(self.cfg.num_probes, len(cache))
+        embeds = self.data.rows(kind, torch.arange(n).repeat_interleave(PROBE_TIMESTEPS))
         g = torch.Generator().manual_seed(self.cfg.seed + 12345)
         latents = (cache.mean[:n] * cache.scaling_factor).repeat_interleave(PROBE_TIMESTEPS, 0)
         noise = torch.randn(latents.shape, generator=g).to(self.device)
@@ -244,7 +253,7 @@ class DiffusionTrainer:
         with (
             self.acc.autocast()
         ):  # the unwrapped model: no collective calls, every process gets the same value
-            pred = self.acc.unwrap_model(self.unet)(noisy, t, embeds.expand(latents.shape[0], -1, -1)).sample
+            pred = self.acc.unwrap_model(self.unet)(noisy, t, embeds).sample
         return float(per_sample_mse(pred, target).mean())
 
     def probes(self) -> dict[str, float]:
