@@ -33,6 +33,8 @@ STAGE_RUNS = {
     "convert",
     "infer",
     "compare",
+    "controlnet_train",
+    "controlnet",
 }
 
 
@@ -108,6 +110,9 @@ def test_repro_writes_every_stage_output(repo: Path) -> None:
         row = compared[variant]
         assert 0 <= row["subject_rate"] <= 1 and 0 <= row["scene_fidelity"] <= 1 and "class_diversity" in row
     assert "subject_rate" in (repo / "reports/compare/README.md").read_text()
+    control = json.loads((repo / "reports/controlnet/metrics.json").read_text())
+    assert 0 <= control["edge_f1_dreambooth"] <= 1 and "edge_f1_without_controlnet" in control
+    assert list((repo / "reports/controlnet/grids").glob("*.png"))
     db = json.loads((repo / "reports/dreambooth/metrics.json").read_text())
     assert db["val_loss"] < db["val_loss_start"]
     metrics = _sh(repo, "dvc", "metrics", "show", "--json").stdout

@@ -4,6 +4,7 @@ checkpoint fingerprints and the loss table for ``dvc plots``."""
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -67,10 +68,20 @@ def place_frozen_modules(pipe: StableDiffusionPipeline, cfg: TrainConfig, device
         pipe.unet.enable_gradient_checkpointing()
 
 
+Conditioning = Callable[[torch.Tensor], torch.Tensor]  # images in [-1, 1] (N, 3, H, W) -> maps (N, C, H, W)
+
+
 def build_training_data(
-    pipe: StableDiffusionPipeline, cfg: TrainConfig, data_cfg: DataConfig, paths: FinetunePaths
+    pipe: StableDiffusionPipeline,
+    cfg: TrainConfig,
+    data_cfg: DataConfig,
+    paths: FinetunePaths,
+    conditioning: Conditioning | None = None,
 ) -> TrainingData:
-    """Encode instance (+ held-out) and class images once; prompts once; face maps from prep's manifest."""
+    """Encode instance (+ held-out) and class images once; prompts once; face maps from prep's manifest.
+
+    ``conditioning`` (ControlNet training) also turns every image into its conditioning map, row for row.
+    """
     device = pipe.unet.device
     instances, holdout = load_instance_set(paths.prepared_dir, cfg.resolution).split(cfg.validation_holdout)
     instance_cache = encode_latents(pipe.vae, instances)
@@ -86,12 +97,18 @@ def build_training_data(
         instance_weights=weights,
         holdout=encode_latents(pipe.vae, holdout).to(device) if holdout is not None else None,
     )
+    if conditioning is not None:
+        data.cond["instance"] = conditioning(instances.pixels).to(device)
+        if holdout is not None:
+            data.cond["holdout"] = conditioning(holdout.pixels).to(device)
     if paths.class_dir is not None:  # probed always, trained on only with prior preservation
         classes = load_image_folder(paths.class_dir, cfg.resolution, "class")
         data.class_probe = encode_latents(pipe.vae, classes).to(device)
         data.class_embeds = encode_prompt(pipe, data_cfg.class_prompt).to(device)
         data.with_prior = cfg.with_prior_preservation
         data.class_ids = prompt_ids(pipe, data_cfg.class_prompt)
+        if conditioning is not None:
+            data.cond["class"] = conditioning(classes.pixels).to(device)
     if cfg.train_text_encoder:
         data.text_encoder = pipe.text_encoder
         data.instance_ids = prompt_ids(pipe, data_cfg.instance_prompt)
@@ -150,29 +167,38 @@ def finetune(
     paths: FinetunePaths,
     tracker: StageTracker,
     identity: dict[str, object],
+    *,
+    denoiser: torch.nn.Module | None = None,
+    conditioning: Conditioning | None = None,
+    validate_images: Callable[[int], None] | None = None,
 ) -> TrainResult:
-    """Run the shared loop over ``params`` of ``pipe.unet``; ``identity`` adds stage-specific fingerprint parts."""
+    """Run the shared loop over ``params`` of ``pipe.unet``; ``identity`` adds stage-specific fingerprint parts.
+
+    ControlNet training passes ``denoiser`` (a ControlNet steering ``pipe.unet``), ``conditioning`` (image ->
+    conditioning map) and its own ``validate_images`` hook (default: samples of ``pipe``).
+    """
     device = pipe.unet.device
     accelerator = accelerator_for(cfg, device)
-    data = build_training_data(pipe, cfg, data_cfg, paths)
+    data = build_training_data(pipe, cfg, data_cfg, paths, conditioning)
     inputs = [paths.prepared_dir] + ([paths.class_dir] if paths.class_dir else [])
     store = CheckpointStore(
         paths.checkpoint_dir,
         fingerprint(stage, asdict(cfg), asdict(data_cfg), identity, hash_files(inputs + CODE_FILES)),
         cfg.checkpoints_total_limit,
     )
+    hook = validate_images or make_validation_hook(
+        pipe, cfg, data_cfg.instance_prompt, tracker, paths.reports_dir
+    )
     trainer = DiffusionTrainer(
         cfg,
-        pipe.unet,
+        denoiser if denoiser is not None else pipe.unet,
         DDPMScheduler.from_config(pipe.scheduler.config),
         data,
         params,
         store,
         tracker,
         accelerator,
-        validate_images=make_validation_hook(pipe, cfg, data_cfg.instance_prompt, tracker, paths.reports_dir)
-        if accelerator.is_main_process
-        else None,
+        validate_images=hook if accelerator.is_main_process else None,
     )
     result = trainer.run()
     if accelerator.is_main_process:

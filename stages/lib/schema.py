@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class TrainConfig:
-    """Settings shared by DreamBooth and LoRA training (one loop serves both)."""
+    """Settings shared by DreamBooth, LoRA, ControlNet training and the tiny pretraining (one loop serves all)."""
 
     resolution: int = 512
     train_batch_size: int = 1
@@ -230,7 +230,7 @@ class CompareConfig:
 
 @dataclass
 class ControlNetConfig:
-    """Canny-guided generation of the personalised subject."""
+    """Canny-guided generation of the personalised subject: a pretrained ControlNet, or one trained here."""
 
     annotator: str = "canny"
     low_threshold: int = 100
@@ -238,9 +238,17 @@ class ControlNetConfig:
     conditioning_scale: float = 1.0
     guidance_start: float = 0.0
     guidance_end: float = 1.0
-    model_path: str = ""  # a pretrained SD1.5 canny ControlNet; empty trains a small one (tiny default)
-    train_steps: int = 200
+    model_path: str = (
+        ""  # pretrained SD1.5 ControlNet: diffusers folder, single file or hub id; empty: train one
+    )
+    revision: str = ""  # the pinned revision of a hub id in model_path (read from the local cache only)
     prompt: str = "a photo of sks man face"
+    control_images: list[str] = field(default_factory=list)  # empty: the first prepared photos
+    num_control_images: int = 4  # how many prepared photos, when control_images is empty
+    edge_tolerance: float = 0.0075  # edge F1 match distance, a fraction of the image diagonal (BSDS)
+    # Training when model_path is empty: conf/controlnet/default.yaml interpolates it from ``dreambooth`` with
+    # the ControlNet learning rate (diffusers' train_controlnet.py examples use 1e-5).
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(learning_rate=1e-5))
 
 
 @dataclass

@@ -50,6 +50,9 @@ class TrainingData:
     text_encoder: torch.nn.Module | None = None  # set when the text encoder trains: embeddings every step
     instance_ids: torch.Tensor | None = None  # (1, 77) token ids, used with text_encoder
     class_ids: torch.Tensor | None = None
+    # Per-row conditioning images of the "instance", "class" and "holdout" sets, (N, C, H, W) aligned with their
+    # latents (ControlNet maps); when set, the denoiser is called with ``controlnet_cond``.
+    cond: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def embeds(self, kind: str) -> torch.Tensor | None:
         """Prompt embeddings of ``kind`` ("instance" | "class"): cached, or fresh from the trained text encoder."""
@@ -84,6 +87,7 @@ class Batch:
     embeds: torch.Tensor
     weights: torch.Tensor | None
     num_instance: int
+    cond: torch.Tensor | None = None  # per-row conditioning images (ControlNet), rows as above
 
     def shard(self, rank: int, world: int) -> Batch:
         """This process's rows of a global batch: its slice of the instance rows and of the prior rows."""
@@ -104,6 +108,7 @@ class Batch:
             pick(self.embeds),
             pick(self.weights),
             per,
+            pick(self.cond),
         )
 
 
@@ -114,6 +119,19 @@ class TrainResult:
     step: int
     history: list[dict[str, float]] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+def denoise(
+    model: torch.nn.Module,
+    noisy: torch.Tensor,
+    timesteps: torch.Tensor,
+    embeds: torch.Tensor,
+    cond: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The denoiser's prediction: a UNet, or any module taking ``controlnet_cond`` when rows are conditioned
+    (e.g. :class:`stages.lib.controlnet.ControlledUNet`, a ControlNet steering a frozen UNet)."""
+    extra = {} if cond is None else {"controlnet_cond": cond}
+    return model(noisy, timesteps, embeds, **extra).sample
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -189,6 +207,12 @@ class DiffusionTrainer:
         if self.data.instance_weights is not None:
             ones = torch.ones((x0.shape[0] - bs, *self.data.instance_weights.shape[1:]), device=self.device)
             weights = torch.cat([self.data.instance_weights[inst.to(self.device)], ones])
+        cond = None
+        if self.data.cond:  # the conditioning image of each drawn row: no extra random draws
+            rows = [self.data.cond["instance"][inst.to(self.device)]]
+            if self.data.prior is not None:
+                rows.append(self.data.cond["class"][prior.to(self.device)])
+            cond = torch.cat(rows)
         return Batch(
             noisy=self.scheduler.add_noise(x0, noise, t),
             target=diffusion_target(self.scheduler, x0, noise, t),
@@ -196,12 +220,13 @@ class DiffusionTrainer:
             embeds=torch.cat(embeds),
             weights=weights,
             num_instance=bs,
+            cond=cond,
         )
 
     def _losses(self, step: int) -> dict[str, torch.Tensor]:
         b = self._batch(step).shard(self.rank, self.world)
         with self.acc.autocast():
-            pred = self.unet(b.noisy, b.timesteps, b.embeds).sample
+            pred = denoise(self.unet, b.noisy, b.timesteps, b.embeds, b.cond)
         per_sample = per_sample_mse(pred, b.target, b.weights)
         per_sample = per_sample * min_snr_weights(self.scheduler, b.timesteps, self.cfg.snr_gamma)
         instance = per_sample[: b.num_instance].mean()
@@ -237,7 +262,7 @@ class DiffusionTrainer:
 
     # -- probes ---------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def probe_loss(self, cache: LatentCache | None, kind: str) -> float:
+    def probe_loss(self, cache: LatentCache | None, kind: str, cond_key: str = "") -> float:
         """Denoising loss with fixed noise and timesteps on up to ``num_probes`` images: comparable across steps."""
         if cache is None or self.data.embeds(kind) is None:
             return math.nan
@@ -250,10 +275,12 @@ class DiffusionTrainer:
         t = torch.linspace(steps * 0.05, steps * 0.95, PROBE_TIMESTEPS).long().repeat(n).to(self.device)
         noisy = self.scheduler.add_noise(latents, noise, t)
         target = diffusion_target(self.scheduler, latents, noise, t)
+        cond = self.data.cond.get(cond_key)  # the cache's conditioning images (ControlNet training)
+        cond = None if cond is None else cond[:n].repeat_interleave(PROBE_TIMESTEPS, 0)
         with (
             self.acc.autocast()
         ):  # the unwrapped model: no collective calls, every process gets the same value
-            pred = self.acc.unwrap_model(self.unet)(noisy, t, embeds).sample
+            pred = denoise(self.acc.unwrap_model(self.unet), noisy, t, embeds, cond)
         return float(per_sample_mse(pred, target).mean())
 
     def probes(self) -> dict[str, float]:
@@ -269,9 +296,12 @@ class DiffusionTrainer:
                 m.train()
 
     def _probe_values(self, d: TrainingData) -> dict[str, float]:
+        held = d.holdout is not None
         return {
-            "val_loss": self.probe_loss(d.holdout if d.holdout is not None else d.instance, "instance"),
-            "class_probe_loss": self.probe_loss(d.class_probe, "class"),
+            "val_loss": self.probe_loss(
+                d.holdout if held else d.instance, "instance", "holdout" if held else "instance"
+            ),
+            "class_probe_loss": self.probe_loss(d.class_probe, "class", "class"),
         }
 
     # -- checkpoints ----------------------------------------------------------------------------------------

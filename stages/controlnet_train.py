@@ -1,0 +1,172 @@
+"""Stage `controlnet_train`: the ControlNet that stage `controlnet` uses, as a diffusers ControlNetModel folder.
+
+With ``controlnet.model_path`` set it imports a pretrained SD1.5 ControlNet (diffusers folder, single file or a
+cached hub id; never the network), checks that it fits the model's UNet and saves it. Otherwise it trains one with
+the shared training loop: initialised from the model's UNet (diffusers' ``ControlNetModel.from_unet``), that UNet
+frozen, on (conditioning map, image) pairs of the instance photos (instance prompt) and, with prior preservation,
+the class images (class prompt). dvc.yaml passes the DreamBooth model, the UNet the ControlNet steers at
+generation; ``--model models/base`` trains a general one for the base model instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from stages.lib.annotators import annotate_pixels, get_annotator
+from stages.lib.checkpoints import hash_files
+from stages.lib.cli import stage_main
+from stages.lib.config import to_flat_dict
+from stages.lib.controlnet import (
+    ControlledUNet,
+    check_compatible,
+    control_pipeline,
+    load_controlnet,
+    new_controlnet,
+)
+from stages.lib.distributed import is_main_process
+from stages.lib.errors import StageError
+from stages.lib.finetune import FinetunePaths, finetune, place_frozen_modules
+from stages.lib.images import make_grid, save_image
+from stages.lib.models import load_pipeline, resolve_device
+from stages.lib.outputs import atomic_dir
+from stages.lib.schema import ControlNetConfig, PipelineConfig
+from stages.lib.tracking import StageTracker, stage_run
+from stages.lib.train_data import load_instance_set
+
+LIB = Path(__file__).parent / "lib"
+CODE_FILES = [Path(__file__), LIB / "controlnet.py", LIB / "annotators.py"]
+
+
+def tracked_params(s: ControlNetConfig) -> dict[str, object]:
+    """The settings that shaped this ControlNet: the training ones only when it was trained."""
+    flat = {k: v for k, v in to_flat_dict(s, "controlnet.").items() if not k.startswith("controlnet.train.")}
+    return flat if s.model_path else {**flat, **to_flat_dict(s.train, "controlnet.train.")}
+
+
+def import_pretrained(s: ControlNetConfig, model_dir: Path, out_dir: Path) -> dict[str, float]:
+    """Load the configured ControlNet offline, check it against the model's UNet, save it as a diffusers folder."""
+    controlnet = load_controlnet(s.model_path, s.revision)
+    check_compatible(controlnet, load_pipeline(model_dir).unet, f"controlnet.model_path={s.model_path}")
+    if is_main_process():
+        with atomic_dir(out_dir) as tmp:
+            controlnet.save_pretrained(tmp, safe_serialization=True)
+    return {"pretrained": 1.0, "controlnet_params_M": sum(p.numel() for p in controlnet.parameters()) / 1e6}
+
+
+def to_pil(maps: torch.Tensor) -> Image.Image:
+    """A (3, H, W) conditioning tensor in [0, 1] as an RGB image."""
+    return Image.fromarray((maps.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy())
+
+
+def validation_hook(pipe, controlnet, s: ControlNetConfig, paths: FinetunePaths, tracker: StageTracker):
+    """Seeded samples of ``controlnet.prompt`` guided by the first instance photo's map: ``map | samples``."""
+    cfg = s.train
+    photo = load_instance_set(paths.prepared_dir, cfg.resolution).pixels[:1]
+    control = to_pil(annotate_pixels(photo, get_annotator(s.annotator, s.low_threshold, s.high_threshold))[0])
+
+    def validate(step: int) -> None:
+        if cfg.num_validation_images <= 0:
+            return
+        was_training = controlnet.training
+        controlnet.eval()
+        cn_pipe = control_pipeline(pipe, controlnet)
+        cn_pipe.set_progress_bar_config(disable=True)
+        images = cn_pipe(
+            s.prompt,
+            image=control,
+            num_images_per_prompt=cfg.num_validation_images,
+            num_inference_steps=cfg.validation_inference_steps,
+            height=cfg.resolution,
+            width=cfg.resolution,
+            generator=torch.Generator().manual_seed(cfg.seed),
+        ).images
+        controlnet.train(was_training)
+        grid = make_grid([control, *images], columns=len(images) + 1)
+        save_image(grid, paths.reports_dir / "validation" / f"step-{step:06d}.png")
+        tracker.log_image(grid, f"validation/step-{step:06d}.png")
+
+    return validate
+
+
+def conditioning(s: ControlNetConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+    annotator = get_annotator(s.annotator, s.low_threshold, s.high_threshold)
+    return lambda pixels: annotate_pixels(pixels, annotator)
+
+
+def train_controlnet(
+    cfg: PipelineConfig, s: ControlNetConfig, model_dir: Path, out_dir: Path, paths: FinetunePaths, tracker
+) -> dict[str, float]:
+    """Train a ControlNet from ``model_dir``'s UNet (frozen) on (map, image) pairs; save it to ``out_dir``."""
+    train = s.train
+    if train.train_text_encoder:
+        raise StageError(
+            "controlnet.train.train_text_encoder=true is not supported: only the ControlNet trains"
+        )
+    pipe = load_pipeline(model_dir)
+    place_frozen_modules(pipe, train, resolve_device(cfg.compute))
+    pipe.unet.requires_grad_(False)
+    controlnet = new_controlnet(pipe, train.seed).to(pipe.unet.device).train()
+    if train.gradient_checkpointing:
+        controlnet.enable_gradient_checkpointing()
+    identity = {
+        "model": hash_files([model_dir / "unet", model_dir / "vae", model_dir / "text_encoder"]),
+        "annotator": [s.annotator, s.low_threshold, s.high_threshold],
+        "prompt": s.prompt,
+        "code": hash_files(CODE_FILES),
+    }
+    result = finetune(
+        "controlnet",
+        train,
+        cfg.data,
+        pipe,
+        dict(controlnet.named_parameters()),
+        paths,
+        tracker,
+        identity,
+        denoiser=ControlledUNet(controlnet, pipe.unet),
+        conditioning=conditioning(s),
+        validate_images=validation_hook(pipe, controlnet, s, paths, tracker),
+    )
+    if is_main_process():  # the other processes of a multi-process run hold the same weights
+        with atomic_dir(out_dir) as tmp:
+            controlnet.to("cpu").save_pretrained(tmp, safe_serialization=True)
+    params_m = sum(p.numel() for p in controlnet.parameters()) / 1e6
+    return {**result.metrics, "pretrained": 0.0, "controlnet_params_M": params_m}
+
+
+def run(cfg: PipelineConfig, model_dir: Path, out_dir: Path, paths: FinetunePaths) -> dict[str, float]:
+    """Import (``controlnet.model_path``) or train the ControlNet; write it to ``out_dir``."""
+    s = cfg.controlnet
+    with stage_run("controlnet_train", cfg.tracking, tracked_params(s), paths.reports_dir) as tracker:
+        if s.model_path:
+            metrics = import_pretrained(s, model_dir, out_dir)
+        else:
+            metrics = train_controlnet(cfg, s, model_dir, out_dir, paths, tracker)
+        tracker.set_final_metrics(metrics)
+    return metrics
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, default=Path("models/dreambooth"), help="the UNet to steer")
+    parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
+    parser.add_argument("--class-images", type=Path, default=Path("data/class_images"))
+    parser.add_argument("--out", type=Path, default=Path("models/controlnet"))
+    parser.add_argument("--checkpoints", type=Path, default=Path("checkpoints/controlnet"))
+    parser.add_argument("--reports", type=Path, default=Path("reports/controlnet_train"))
+
+
+def _run(cfg: PipelineConfig, a: argparse.Namespace) -> dict[str, float]:
+    return run(cfg, a.model, a.out, FinetunePaths(a.prepared, a.class_images, a.checkpoints, a.reports))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(__doc__ or "", _add_arguments, _run, argv, launch_module="stages.controlnet_train")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
