@@ -97,6 +97,7 @@ def test_kill_minus_9_then_rerun_resumes_and_matches_uninterrupted_run(
         {
             k: getattr(world.cfg.dreambooth, k)
             for k in (
+                "learning_rate",
                 "max_train_steps",
                 "checkpointing_steps",
                 "validation_steps",
