@@ -76,15 +76,19 @@ def validation_hook(pipe, controlnet, s: ControlNetConfig, paths: FinetunePaths,
         controlnet.eval()
         cn_pipe = control_pipeline(pipe, controlnet)
         cn_pipe.set_progress_bar_config(disable=True)
-        images = cn_pipe(
-            s.prompt,
-            image=control,
-            num_images_per_prompt=cfg.num_validation_images,
-            num_inference_steps=cfg.validation_inference_steps,
-            height=cfg.resolution,
-            width=cfg.resolution,
-            generator=torch.Generator().manual_seed(cfg.seed),
-        ).images
+        # on CUDA the frozen modules are half precision: autocast like the training step
+        cuda = pipe.unet.device.type == "cuda"
+        with torch.autocast(pipe.unet.device.type, enabled=cuda, dtype=torch.bfloat16):
+            images = cn_pipe(
+                s.prompt,
+                image=control,
+                num_images_per_prompt=cfg.num_validation_images,
+                num_inference_steps=cfg.validation_inference_steps,
+                guidance_scale=cfg.validation_guidance_scale,
+                height=cfg.resolution,
+                width=cfg.resolution,
+                generator=torch.Generator().manual_seed(cfg.seed),
+            ).images
         controlnet.train(was_training)
         grid = make_grid([control, *images], columns=len(images) + 1)
         save_image(grid, paths.reports_dir / "validation" / f"step-{step:06d}.png")

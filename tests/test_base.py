@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import CLIPTextModel
 
 from stages import base
-from stages.lib.models import ModelLoadError, load_base_source
+from stages.lib.models import ModelLoadError, load_base_source, load_pipeline
 from stages.lib.schema import ModelConfig, PipelineConfig
 
 UNET = "unet/diffusion_pytorch_model.safetensors"
@@ -99,3 +99,12 @@ def test_stage_cli_prints_one_line_error(tiny_params: Path, tmp_path: Path, caps
     )
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "/nope" in errors[0], errors
+
+
+def test_tiny_default_never_loads_in_half_precision(tiny_cfg: PipelineConfig, tmp_path: Path) -> None:
+    """The hand-set tiny VAE needs fp32 (its colour is a small offset fp16 rounds away); other models may use fp16."""
+    base.run(tiny_cfg, tmp_path / "tiny", tmp_path / "r")
+    assert load_pipeline(tmp_path / "tiny", torch_dtype=torch.float16).vae.dtype == torch.float32
+    tiny_cfg.model = ModelConfig(source="folder", path=str(tmp_path / "tiny"))
+    base.run(tiny_cfg, tmp_path / "copy", tmp_path / "r")
+    assert load_pipeline(tmp_path / "copy", torch_dtype=torch.float16).vae.dtype == torch.float16

@@ -13,6 +13,7 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 
 from stages.lib.checkpoints import CheckpointStore, fingerprint, hash_files
 from stages.lib.images import make_grid, save_image
+from stages.lib.models import allows_half_precision
 from stages.lib.schema import DataConfig, TrainConfig
 from stages.lib.tracking import StageTracker
 from stages.lib.train_data import (
@@ -55,7 +56,7 @@ def place_frozen_modules(pipe: StableDiffusionPipeline, cfg: TrainConfig, device
     """VAE and text encoder frozen on the device (half precision under CUDA mixed precision); UNet in fp32."""
     half = (
         {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
-        if device.type == "cuda"
+        if device.type == "cuda" and allows_half_precision(pipe)
         else None
     )
     pipe.text_encoder.to(device)  # trained in fp32 when train_text_encoder, else frozen below

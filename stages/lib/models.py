@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -43,11 +44,27 @@ def check_tokenizer(pipe: StableDiffusionPipeline, where: str) -> None:
         )
 
 
+def is_tiny_default(folder: str | Path) -> bool:
+    """Whether a saved pipeline is the embedded default (its provenance file says ``source: tiny``)."""
+    source = Path(folder) / "source.json"
+    return source.is_file() and json.loads(source.read_text()).get("source") == "tiny"
+
+
+def allows_half_precision(pipe: StableDiffusionPipeline) -> bool:
+    """False for the embedded default: its hand-set VAE carries colour as small offsets that fp16/bf16 round away."""
+    return not is_tiny_default(pipe.config._name_or_path or "")
+
+
 def load_pipeline(folder: str | Path, torch_dtype: torch.dtype | None = None) -> StableDiffusionPipeline:
-    """Load a diffusers pipeline folder offline (models/base, models/dreambooth, ...)."""
+    """Load a diffusers pipeline folder offline (models/base, models/dreambooth, ...).
+
+    The embedded default always loads in fp32 (see :func:`allows_half_precision`); it is tiny.
+    """
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
         raise ModelLoadError(f"{folder}: not a diffusers pipeline folder (model_index.json missing)")
+    if torch_dtype in (torch.float16, torch.bfloat16) and is_tiny_default(folder):
+        torch_dtype = None
     pipe = StableDiffusionPipeline.from_pretrained(
         folder, torch_dtype=torch_dtype, local_files_only=True, **PIPELINE_KWARGS
     )
