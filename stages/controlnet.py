@@ -90,7 +90,9 @@ def generate(cfg: PipelineConfig, s: ControlNetConfig, paths: ControlPaths, cont
             f"{paths.controlnet}: no ControlNet folder; run `dvc repro controlnet_train`"
         )
     pipe = load_pipeline(paths.dreambooth, torch_dtype=dtype)
-    net = ControlNetModel.from_pretrained(paths.controlnet, torch_dtype=pipe.unet.dtype, local_files_only=True)
+    net = ControlNetModel.from_pretrained(
+        paths.controlnet, torch_dtype=pipe.unet.dtype, local_files_only=True
+    )
     check_compatible(net, pipe.unet, str(paths.controlnet))
     cn_pipe = control_pipeline(pipe, net).to(device)
     cn_pipe.set_progress_bar_config(disable=True)
