@@ -30,8 +30,14 @@ from stages.lib.controlnet import (
 )
 from stages.lib.distributed import is_main_process
 from stages.lib.errors import StageError
-from stages.lib.finetune import FinetunePaths, finetune, place_frozen_modules
-from stages.lib.images import make_grid, save_image
+from stages.lib.finetune import (
+    FinetunePaths,
+    finetune,
+    place_frozen_modules,
+    sample_validation,
+    save_validation_grid,
+)
+from stages.lib.images import make_grid
 from stages.lib.models import load_pipeline, resolve_device
 from stages.lib.outputs import atomic_dir
 from stages.lib.schema import ControlNetConfig, PipelineConfig
@@ -76,23 +82,10 @@ def validation_hook(pipe, controlnet, s: ControlNetConfig, paths: FinetunePaths,
         controlnet.eval()
         cn_pipe = control_pipeline(pipe, controlnet)
         cn_pipe.set_progress_bar_config(disable=True)
-        # on CUDA the frozen modules are half precision: autocast like the training step
-        cuda = pipe.unet.device.type == "cuda"
-        with torch.autocast(pipe.unet.device.type, enabled=cuda, dtype=torch.bfloat16):
-            images = cn_pipe(
-                s.prompt,
-                image=control,
-                num_images_per_prompt=cfg.num_validation_images,
-                num_inference_steps=cfg.validation_inference_steps,
-                guidance_scale=cfg.validation_guidance_scale,
-                height=cfg.resolution,
-                width=cfg.resolution,
-                generator=torch.Generator().manual_seed(cfg.seed),
-            ).images
+        images = sample_validation(cn_pipe, cfg, s.prompt, image=control)
         controlnet.train(was_training)
         grid = make_grid([control, *images], columns=len(images) + 1)
-        save_image(grid, paths.reports_dir / "validation" / f"step-{step:06d}.png")
-        tracker.log_image(grid, f"validation/step-{step:06d}.png")
+        save_validation_grid(grid, step, paths.reports_dir, tracker)
 
     return validate
 

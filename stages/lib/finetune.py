@@ -116,6 +116,29 @@ def build_training_data(
     return data
 
 
+def sample_validation(pipe: StableDiffusionPipeline, cfg: TrainConfig, prompt: str, **extra: object) -> list:
+    """Seeded validation images with the training settings, under bf16 autocast on CUDA (where the frozen modules
+    may be half precision); ``extra`` goes to the pipeline (e.g. a ControlNet's ``image``)."""
+    device = pipe.unet.device
+    with torch.autocast(device.type, enabled=device.type == "cuda", dtype=torch.bfloat16):
+        return pipe(
+            prompt,
+            num_images_per_prompt=cfg.num_validation_images,
+            num_inference_steps=cfg.validation_inference_steps,
+            guidance_scale=cfg.validation_guidance_scale,
+            height=cfg.resolution,
+            width=cfg.resolution,
+            generator=torch.Generator().manual_seed(cfg.seed),
+            **extra,
+        ).images
+
+
+def save_validation_grid(grid, step: int, reports_dir: Path, tracker: StageTracker) -> None:
+    """``reports_dir/validation/step-NNNNNN.png`` and the same image in MLflow."""
+    save_image(grid, reports_dir / "validation" / f"step-{step:06d}.png")
+    tracker.log_image(grid, f"validation/step-{step:06d}.png")
+
+
 def make_validation_hook(
     pipe: StableDiffusionPipeline, cfg: TrainConfig, prompt: str, tracker: StageTracker, reports_dir: Path
 ):
@@ -127,22 +150,9 @@ def make_validation_hook(
         pipe.set_progress_bar_config(disable=True)
         was_training = pipe.unet.training
         pipe.unet.eval()
-        with torch.autocast(
-            pipe.unet.device.type, enabled=pipe.unet.device.type == "cuda", dtype=torch.bfloat16
-        ):
-            images = pipe(
-                prompt,
-                num_images_per_prompt=cfg.num_validation_images,
-                num_inference_steps=cfg.validation_inference_steps,
-                guidance_scale=cfg.validation_guidance_scale,
-                height=cfg.resolution,
-                width=cfg.resolution,
-                generator=torch.Generator().manual_seed(cfg.seed),
-            ).images
+        images = sample_validation(pipe, cfg, prompt)
         pipe.unet.train(was_training)
-        grid = make_grid(images, columns=len(images))
-        save_image(grid, reports_dir / "validation" / f"step-{step:06d}.png")
-        tracker.log_image(grid, f"validation/step-{step:06d}.png")
+        save_validation_grid(make_grid(images, columns=len(images)), step, reports_dir, tracker)
 
     return validate
 
