@@ -56,9 +56,7 @@ def run(
                 pipe.to(resolve_device(cfg.compute))
                 pretrained = pretrain_tiny(pipe, cfg.model.tiny, tmp, checkpoint_dir, reports_dir, tracker)
                 pipe.to("cpu")
-            if (
-                "pretrain_steps" not in pretrained
-            ):  # the loss table is a DVC plot of the stage: always written
+            if "pretrain_steps" not in pretrained:  # loss.csv is a DVC plot of the stage: always written
                 write_loss_table([], reports_dir / "loss.csv")
             pipe.save_pretrained(tmp, safe_serialization=True)
             (tmp / SOURCE_FILE).write_text(json.dumps(describe_source(cfg.model), indent=2) + "\n")

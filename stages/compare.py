@@ -42,9 +42,8 @@ LABELS = {"base": "base model", "dreambooth": "DreamBooth UNet", "lora_extracted
 class ComparePaths:
     infer: Path
     prepared: Path
-    base: (
-        Path | None
-    )  # its VAE encodes the prepared photos for subject_latent_rms; its attribute reader (tiny)
+    # its VAE encodes the prepared photos for subject_latent_rms; its attribute reader scores the miniature world
+    base: Path | None
     reports: Path
 
 

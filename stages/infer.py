@@ -173,6 +173,7 @@ def run(cfg: PipelineConfig, paths: InferPaths) -> dict[str, float]:
             class_images = {
                 name: [f.relative_to(tmp).as_posix() for f in gen.class_files]
                 for name, gen in results.items()
+                if gen.class_files
             }
             InferIndex.from_results(
                 tmp,
@@ -180,8 +181,8 @@ def run(cfg: PipelineConfig, paths: InferPaths) -> dict[str, float]:
                 settings=settings,
                 lora_ranks=ranks,
                 skipped=skipped,
-                class_prompt=cfg.data.class_prompt if cfg.infer.class_prompt_images > 0 else "",
-                class_images=class_images if cfg.infer.class_prompt_images > 0 else {},
+                class_prompt=cfg.data.class_prompt if class_images else "",
+                class_images=class_images,
             ).write()
         seconds = time.perf_counter() - start
         log_grids(InferIndex.load(paths.out), paths.reports, tracker)

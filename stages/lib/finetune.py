@@ -37,8 +37,8 @@ class FinetunePaths:
     reports_dir: Path
 
 
-def prompt_ids(pipe: StableDiffusionPipeline, prompt: str) -> torch.Tensor:
-    """(1, 77) token ids, padded like SD."""
+def prompt_ids(pipe: StableDiffusionPipeline, prompt: str | list[str]) -> torch.Tensor:
+    """(N, 77) token ids of one prompt (N = 1) or a list, padded like SD."""
     tok = pipe.tokenizer
     ids = tok(
         prompt, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
@@ -47,8 +47,8 @@ def prompt_ids(pipe: StableDiffusionPipeline, prompt: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_prompt(pipe: StableDiffusionPipeline, prompt: str) -> torch.Tensor:
-    """(1, 77, D) text embeddings, computed once."""
+def encode_prompt(pipe: StableDiffusionPipeline, prompt: str | list[str]) -> torch.Tensor:
+    """(N, 77, D) text embeddings of one prompt (N = 1) or a list, computed once."""
     return pipe.text_encoder(prompt_ids(pipe, prompt))[0].float()
 
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 
-from stages.lib.attribute_reader import READER_DIR, ReaderTraining, save_reader, train_reader
+from stages.lib.attribute_reader import READER_DIR, ReaderTraining, save_reader, to_pixels, train_reader
 from stages.lib.checkpoints import CheckpointStore, fingerprint, hash_files
-from stages.lib.finetune import make_validation_hook, write_loss_table
+from stages.lib.finetune import encode_prompt, make_validation_hook, write_loss_table
 from stages.lib.schema import TinyModelConfig
 from stages.lib.tracking import StageTracker
 from stages.lib.train_data import ImageSet, LatentCache, encode_latents
@@ -32,27 +31,15 @@ def world_pixels(cfg: TinyModelConfig) -> tuple[torch.Tensor, list[WorldImage]]:
     rendered = render_world(
         cfg.world.seed, range(cfg.world.num_images), cfg.sample_size, cfg.world.caption_dropout
     )
-    arrays = np.stack([np.asarray(image, np.float32) for image, _ in rendered]) / 127.5 - 1.0
-    return torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous(), [item for _, item in rendered]
+    return to_pixels([image for image, _ in rendered], cfg.sample_size), [item for _, item in rendered]
 
 
-@torch.no_grad()
 def caption_embeddings(
     pipe: StableDiffusionPipeline, captions: list[str], batch_size: int = 256
 ) -> torch.Tensor:
-    """(N, 77, D) text embeddings of ``captions`` with the pipeline's frozen text encoder."""
-    tok = pipe.tokenizer
-    out = []
-    for start in range(0, len(captions), batch_size):
-        ids = tok(
-            captions[start : start + batch_size],
-            padding="max_length",
-            max_length=tok.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        out.append(pipe.text_encoder(ids.to(pipe.text_encoder.device))[0].float())
-    return torch.cat(out)
+    """(N, 77, D) text embeddings of ``captions`` with the pipeline's frozen text encoder, in batches."""
+    chunks = [captions[i : i + batch_size] for i in range(0, len(captions), batch_size)]
+    return torch.cat([encode_prompt(pipe, chunk) for chunk in chunks])
 
 
 def pretrain_unet(
