@@ -38,8 +38,9 @@ STAGE_RUNS = {
 }
 
 
-# The default pretrains the miniature for minutes; the end-to-end test checks the wiring with a short one.
-SHORT_PRETRAINING = """
+# The default pretrains the miniature for minutes and trains DreamBooth 800 steps; the end-to-end test checks the
+# wiring with short runs.
+SHORT_TRAINING = """
 model:
   tiny:
     world:
@@ -51,6 +52,7 @@ model:
       validation_steps: 20
       num_validation_images: 2
 """
+DREAMBOOTH_STEPS = ("  max_train_steps: 800\n", "  max_train_steps: 200\n")  # the tiny profile's, shortened
 
 
 def _sh(cwd: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -79,8 +81,10 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         if (PROJECT_ROOT / name).is_file():
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(PROJECT_ROOT / name, root / name)
-    with (root / "conf/profile/tiny.yaml").open("a") as fh:  # a short pretraining: the suite's time budget
-        fh.write(SHORT_PRETRAINING)
+    profile = root / "conf/profile/tiny.yaml"  # short training: the suite's time budget
+    text = profile.read_text()
+    assert text.count(DREAMBOOTH_STEPS[0]) == 1, "the tiny profile's dreambooth.max_train_steps moved"
+    profile.write_text(text.replace(*DREAMBOOTH_STEPS) + SHORT_TRAINING)
     _sh(root, "python", "-m", "stages.compose")
     _sh(root, "git", "init", "-q")
     _sh(root, "git", "add", "-A")
@@ -132,7 +136,7 @@ def test_mlflow_has_one_tagged_run_per_stage(repo: Path) -> None:
     artifacts = [a.path for a in client.list_artifacts(prep.info.run_id, "prep")]
     assert "prep/contact_sheet.png" in artifacts, artifacts
     history = client.get_metric_history(by_stage["dreambooth"].info.run_id, "loss")
-    assert len(history) == 400  # dreambooth.max_train_steps of the tiny profile
+    assert len(history) == 200  # dreambooth.max_train_steps of SHORT_TRAINING
 
 
 def test_second_repro_is_up_to_date_and_rank_switch_retrains_nothing(repo: Path) -> None:

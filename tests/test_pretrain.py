@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import CLIPTokenizer
 
 from stages import base
 from stages.lib.attribute_reader import READER_DIR, load_reader
@@ -16,6 +17,7 @@ from stages.lib.train_data import LatentCache
 from stages.lib.training import TrainingData
 
 UNET = "unet/diffusion_pytorch_model.safetensors"
+TEXT_ENCODER = "text_encoder/model.safetensors"
 
 
 def small_pretraining(cfg: PipelineConfig, steps: int = 30) -> PipelineConfig:
@@ -40,6 +42,15 @@ def test_rows_pick_each_images_caption() -> None:
     assert picked[:, 0, 0].tolist() == [2.0, 0.0, 2.0]
     shared = TrainingData(instance=cache, instance_embeds=torch.ones(1, 77, 8))
     assert shared.rows("instance", torch.tensor([1, 2])).shape == (2, 77, 8)
+
+
+def test_rows_encode_each_images_caption_when_the_text_encoder_trains() -> None:
+    cache = LatentCache(torch.zeros(3, 4, 2, 2), torch.zeros(3, 4, 2, 2), 1.0)
+    ids = torch.arange(3).view(3, 1).expand(3, 77)
+    encoder = torch.nn.Embedding(3, 8)
+    data = TrainingData(cache, torch.zeros(3, 77, 8), text_encoder=lambda x: (encoder(x),), instance_ids=ids)
+    picked = data.rows("instance", torch.tensor([2, 0]))
+    assert torch.equal(picked, encoder(ids[[2, 0]])) and picked.requires_grad
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +93,23 @@ def test_pretraining_resumes_from_its_checkpoint_and_is_deterministic(pretrained
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     c = load_file(tmp_path / "again" / UNET)
     assert all(torch.equal(a[k], c[k]) for k in a)
+    trained, resumed = load_file(root / "base" / TEXT_ENCODER), load_file(tmp_path / "again" / TEXT_ENCODER)
+    assert all(torch.equal(trained[k], resumed[k]) for k in trained)  # the text encoder is checkpointed too
+
+
+def test_pretraining_trains_the_text_encoder_on_the_captions(pretrained, tmp_path: Path) -> None:
+    root, _, cfg = pretrained
+    assert cfg.model.tiny.pretrain.train_text_encoder
+    trained = load_file(root / "base" / TEXT_ENCODER)
+    cfg.model.tiny.pretrain.max_train_steps = 0
+    cfg.model.tiny.world.reader_steps = 0
+    try:
+        base.run(cfg, tmp_path / "random", tmp_path / "reports", tmp_path / "ckpt")
+    finally:
+        cfg.model.tiny.pretrain.max_train_steps, cfg.model.tiny.world.reader_steps = 30, 40
+    random_init = load_file(tmp_path / "random" / TEXT_ENCODER)
+    name = "embeddings.token_embedding.weight"
+    moved = (trained[name] - random_init[name]).norm(dim=1)
+    tokenizer = CLIPTokenizer.from_pretrained(root / "base" / "tokenizer")
+    forest, sks = (tokenizer.convert_tokens_to_ids(f"{word}</w>") for word in ("forest", "sks"))
+    assert moved[forest] > 10 * moved[sks], "caption words train; the never-seen 'sks' only decays"

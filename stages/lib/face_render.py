@@ -57,20 +57,22 @@ class _Pen:
 def _draw_hair(pen: _Pen, attrs: FaceAttributes, front: bool) -> None:
     """Hair behind the head (``front=False``) or the fringe over the forehead (``front=True``)."""
     colour, dark = attrs.hair, shade(attrs.hair, 0.75)
-    if attrs.hair_style == "curly":
-        blobs = [
-            (-1.05, -0.35),
-            (1.05, -0.35),
-            (-0.9, -0.75),
-            (0.9, -0.75),
-            (-0.5, -1.05),
-            (0.5, -1.05),
-            (0, -1.12),
-        ]
+    if attrs.hair_style == "curly":  # a tall, wide mop of curls: the silhouette tells it from short hair
         if front:
-            blobs = [(-0.55, -0.82), (-0.15, -0.92), (0.25, -0.9), (0.6, -0.78)]
+            blobs = [(-0.6, -0.8), (-0.2, -0.92), (0.2, -0.92), (0.6, -0.8)]
+        else:
+            pen.ellipse(0, -0.55, 1.45, 0.95, depth=0.3, fill=dark)
+            blobs = [
+                (-1.2, -0.2),
+                (1.2, -0.2),
+                (-1.15, -0.75),
+                (1.15, -0.75),
+                (-0.7, -1.2),
+                (0.7, -1.2),
+                (0, -1.38),
+            ]
         for i, (u, v) in enumerate(blobs):
-            pen.ellipse(u, v, 0.42, 0.26, depth=0.3, fill=dark if i % 2 else colour)
+            pen.ellipse(u, v, 0.42, 0.28, depth=0.3, fill=dark if i % 2 else colour)
     elif attrs.hair_style == "long":
         if not front:
             pen.draw.rectangle((*pen.xy(-1.2, -0.6, 0.2), *pen.xy(1.2, 1.4, 0.2)), fill=colour)

@@ -15,7 +15,7 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 
 from stages.lib.attribute_reader import READER_DIR, ReaderTraining, save_reader, to_pixels, train_reader
 from stages.lib.checkpoints import CheckpointStore, fingerprint, hash_files
-from stages.lib.finetune import encode_prompt, make_validation_hook, write_loss_table
+from stages.lib.finetune import encode_prompt, make_validation_hook, prompt_ids, write_loss_table
 from stages.lib.schema import TinyModelConfig
 from stages.lib.tracking import StageTracker
 from stages.lib.train_data import ImageSet, LatentCache, encode_latents
@@ -58,20 +58,26 @@ def pretrain_unet(
     data = TrainingData(
         instance=latents.to(device), instance_embeds=caption_embeddings(pipe, captions).to(device)
     )
+    params = dict(pipe.unet.named_parameters())
+    if train.train_text_encoder:  # the words of the world's captions learn what they show
+        pipe.text_encoder.to(device).requires_grad_(True).train()
+        params |= {f"text_encoder.{n}": p for n, p in pipe.text_encoder.named_parameters()}
+        data.text_encoder, data.instance_ids = pipe.text_encoder, prompt_ids(pipe, captions)
+    else:
+        pipe.text_encoder.requires_grad_(False)
     store = CheckpointStore(
         checkpoint_dir,
         fingerprint("pretrain", asdict(cfg), hash_files(CODE_FILES)),
         train.checkpoints_total_limit,
     )
     pipe.vae.requires_grad_(False)
-    pipe.text_encoder.requires_grad_(False)
     pipe.unet.requires_grad_(True)
     trainer = DiffusionTrainer(
         train,
         pipe.unet,
         DDPMScheduler.from_config(pipe.scheduler.config),
         data,
-        dict(pipe.unet.named_parameters()),
+        params,
         store,
         tracker,
         accelerator,
@@ -79,6 +85,7 @@ def pretrain_unet(
     )
     result = trainer.run()
     pipe.unet.requires_grad_(False).eval()
+    pipe.text_encoder.requires_grad_(False).eval()
     tracker.log_artifact(write_loss_table(result.history, reports_dir / "loss.csv"))
     kept = {k: v for k, v in result.metrics.items() if "class_probe" not in k and k != "final_instance_loss"}
     return {f"pretrain_{k}": v for k, v in kept.items()}  # no class images here: their probes are NaN

@@ -89,6 +89,7 @@ class TinyModelConfig:
             max_train_steps=1000,  # 0: keep the random initialisation
             optimizer="adamw",
             with_prior_preservation=False,
+            train_text_encoder=True,  # the caption words learn what they show (a random encoder blurs them)
             snr_gamma=5.0,
             checkpointing_steps=250,
             validation_steps=250,

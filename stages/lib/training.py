@@ -48,7 +48,7 @@ class TrainingData:
     with_prior: bool = False  # train on the class images too (prior preservation)
     holdout: LatentCache | None = None
     text_encoder: torch.nn.Module | None = None  # set when the text encoder trains: embeddings every step
-    instance_ids: torch.Tensor | None = None  # (1, 77) token ids, used with text_encoder
+    instance_ids: torch.Tensor | None = None  # (1 or N, 77) token ids, used with text_encoder
     class_ids: torch.Tensor | None = None
     # Per-row conditioning images of the "instance", "class" and "holdout" sets, (N, C, H, W) aligned with their
     # latents (ControlNet maps); when set, the denoiser is called with ``controlnet_cond``.
@@ -64,6 +64,9 @@ class TrainingData:
 
     def rows(self, kind: str, index: torch.Tensor) -> torch.Tensor | None:
         """The prompt embeddings of the images ``index`` of ``kind``: per-image captions or one shared prompt."""
+        ids = self.instance_ids if kind == "instance" else self.class_ids
+        if self.text_encoder is not None and ids is not None and ids.shape[0] > 1:
+            return self.text_encoder(ids[index.to(ids.device)])[0]  # per-image captions: encode this batch's
         embeds = self.embeds(kind)
         if embeds is None:
             return None
