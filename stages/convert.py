@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,8 @@ from stages.lib.schema import PipelineConfig
 from stages.lib.single_file import load_single_file, save_single_file
 from stages.lib.tracking import git_commit, stage_run
 from stages.lora import featured_lora_dir
+
+log = logging.getLogger(__name__)
 
 SINGLE_FILE = "dreambooth.safetensors"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -143,7 +146,14 @@ class Exporter:
         target, before = check.unet_probe(self.pipe.unet), check.unet_probe(base.unet)
         with check.lora_loaded(base, folder):
             after = check.unet_probe(base.unet)
+        text_moved = check.text_encoder_changed(base.text_encoder, self.pipe.text_encoder)
+        if text_moved:
+            log.warning(
+                "convert: DreamBooth trained the text encoder (dreambooth.train_text_encoder); the extracted LoRA "
+                "holds the UNet delta only, so on the base model it carries only part of the subject"
+            )
         return {
+            "extract_text_encoder_left_out": float(text_moved),
             "extract_rel_error": extraction.relative_error,
             "extract_rel_error_max": max(extraction.errors.values()),
             "extract_output_ratio": check.moved_towards(before, after, target),

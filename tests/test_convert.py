@@ -20,7 +20,7 @@ from stages import convert, dreambooth, lora
 from stages.base import file_sha256
 from stages.compose import compose
 from stages.lib.errors import StageError
-from stages.lib.export_checks import moved_towards, unet_probe
+from stages.lib.export_checks import moved_towards, text_encoder_changed, unet_probe
 from stages.lib.lora_extract import extract_lora, save_extracted, target_linears
 from stages.lib.lora_formats import BIN_WEIGHT, DIFFUSERS_WEIGHT, kohya_to_diffusers, split_diffusers_key
 from stages.lib.models import load_pipeline
@@ -226,6 +226,15 @@ def test_extracted_lora_moves_base_outputs_towards_dreambooth(world, export, bas
     after = latents_with_lora(base_pipe, out / "lora_extracted" / f"r{world.cfg.convert.extract_rank}")
     assert moved_towards(before, after, target) < 1.0
     assert metrics["extract_output_ratio"] < 1.0 and 0 < metrics["extract_rel_error"] < 1
+    assert metrics["extract_text_encoder_left_out"] == 0.0  # this DreamBooth trained the UNet only
+
+
+def test_a_trained_text_encoder_is_reported_as_left_out_of_the_extraction(base_pipe) -> None:
+    tuned = copy.deepcopy(base_pipe.text_encoder)
+    assert not text_encoder_changed(base_pipe.text_encoder, tuned)
+    with torch.no_grad():
+        tuned.get_input_embeddings().weight[42] += 0.01  # e.g. the identifier token's embedding
+    assert text_encoder_changed(base_pipe.text_encoder, tuned)
 
 
 def test_extraction_of_an_attention_only_delta_reproduces_the_tuned_model(base_pipe, tmp_path) -> None:

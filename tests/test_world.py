@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from stages.lib import world_metrics as wm
-from stages.lib.attribute_reader import ReaderTraining, load_reader, save_reader, to_pixels, train_reader
+from stages.lib.attribute_reader import ReaderTraining, load_reader, save_reader, train_reader
+from stages.lib.images import to_pixels
 from stages.lib.schema import TinyModelConfig
 from stages.lib.tiny_model import tiny_vae
 from stages.lib.tiny_vae import PIXEL_MEAN

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -21,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from stages.lib.errors import StageError
+from stages.lib.images import to_pixels
 from stages.lib.world import ATTRIBUTES
 
 READER_DIR = "attribute_reader"
@@ -54,20 +54,11 @@ class AttributeReader(nn.Module):
     @torch.no_grad()
     def read(self, images: Sequence[Image.Image] | torch.Tensor) -> list[dict[str, str]]:
         """The most likely class of every attribute, per image."""
-        pixels = images if isinstance(images, torch.Tensor) else to_pixels(images)
+        pixels = images if isinstance(images, torch.Tensor) else to_pixels(images, 2 * INPUT_SIZE)
         self.eval()
         logits = self(pixels)
         picks = {name: logits[name].argmax(1).tolist() for name in self.attributes}
         return [{n: self.attributes[n][picks[n][i]] for n in self.attributes} for i in range(pixels.shape[0])]
-
-
-def to_pixels(images: Sequence[Image.Image], size: int = INPUT_SIZE * 2) -> torch.Tensor:
-    """PIL images as a (N, 3, size, size) tensor in [-1, 1]."""
-    arrays = [
-        np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR), np.float32)
-        for im in images
-    ]
-    return torch.from_numpy(np.stack(arrays) / 127.5 - 1.0).permute(0, 3, 1, 2)
 
 
 @dataclass

@@ -28,6 +28,13 @@ def unet_probe(unet: UNet2DConditionModel, seed: int = 0) -> torch.Tensor:
     return unet(sample.to(**to), timestep, context.to(**to)).sample.float().cpu()
 
 
+@torch.no_grad()
+def text_encoder_changed(base: torch.nn.Module, tuned: torch.nn.Module) -> bool:
+    """Whether any text-encoder tensor differs (DreamBooth with ``train_text_encoder``)."""
+    tuned_state = tuned.state_dict()
+    return any(not torch.equal(v.cpu(), tuned_state[k].cpu()) for k, v in base.state_dict().items())
+
+
 def output_diff(unet: UNet2DConditionModel, reference: torch.Tensor) -> float:
     """Largest absolute difference of ``unet``'s probe output from ``reference``."""
     return (unet_probe(unet) - reference).abs().max().item()

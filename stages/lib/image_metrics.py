@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from stages.lib.faces import focal_crop
-from stages.lib.images import list_images, to_rgb
+from stages.lib.images import list_images, to_pixels, to_rgb
 from stages.lib.subject_metrics import nearest_subject_distance
 
 EMBED_SIDE = 64
@@ -112,11 +112,7 @@ def encode_references(vae: Any, images: Images, height: int, width: int, batch_s
     param = next(vae.parameters())
     means = []
     for start in range(0, len(images), batch_size):
-        chunk = [
-            im.resize((width, height), Image.Resampling.BICUBIC) for im in images[start : start + batch_size]
-        ]
-        pixels = torch.from_numpy(np.stack([np.asarray(im, np.float32) for im in chunk]) / 127.5 - 1.0)
-        pixels = pixels.permute(0, 3, 1, 2).to(param.device, param.dtype)
+        pixels = to_pixels(images[start : start + batch_size], (width, height)).to(param.device, param.dtype)
         means.append(vae.encode(pixels).latent_dist.mean.float().cpu())
     return torch.cat(means)
 

@@ -5,8 +5,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw, ImageOps
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 
@@ -21,6 +25,25 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode.startswith("I;16"):
         image = image.point(lambda v: v / 256).convert("L")
     return image.convert("RGB")
+
+
+def to_pixels(images: Sequence[Image.Image], size: int | tuple[int, int] | None = None) -> torch.Tensor:
+    """RGB images as one (N, 3, H, W) float tensor in [-1, 1] (what the VAE takes), resized (bicubic) to ``size``
+    (side or (width, height)) when given."""
+    import numpy as np
+    import torch
+
+    wanted = (size, size) if isinstance(size, int) else size
+    arrays = [
+        np.asarray(
+            im.convert("RGB")
+            if wanted is None or im.size == wanted
+            else im.convert("RGB").resize(wanted, Image.Resampling.BICUBIC),
+            np.float32,
+        )
+        for im in images
+    ]
+    return torch.from_numpy(np.stack(arrays) / 127.5 - 1.0).permute(0, 3, 1, 2)
 
 
 def list_images(folder: Path) -> list[Path]:

@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 
-from stages.lib.attribute_reader import READER_DIR, ReaderTraining, save_reader, to_pixels, train_reader
+from stages.lib.attribute_reader import READER_DIR, ReaderTraining, save_reader, train_reader
 from stages.lib.checkpoints import CheckpointStore, fingerprint, hash_files
 from stages.lib.finetune import encode_prompt, make_validation_hook, prompt_ids, write_loss_table
+from stages.lib.images import to_pixels
 from stages.lib.schema import TinyModelConfig
 from stages.lib.tracking import StageTracker
 from stages.lib.train_data import ImageSet, LatentCache, encode_latents

@@ -5,12 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 from stages.lib.errors import StageError
-from stages.lib.images import list_images, to_rgb
+from stages.lib.images import list_images, to_pixels, to_rgb
 from stages.lib.manifest import MANIFEST, Manifest
 
 Box = tuple[int, int, int, int]
@@ -51,8 +50,7 @@ def _to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
         image = image.crop((left, top, left + side, top + side)).resize(
             (resolution, resolution), Image.BICUBIC
         )
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1)
+    return to_pixels([image])[0]
 
 
 def load_image_folder(folder: Path, resolution: int, what: str) -> ImageSet:
