@@ -104,6 +104,7 @@ def test_kill_minus_9_then_rerun_resumes_and_matches_uninterrupted_run(
                 "num_validation_images",
                 "validation_inference_steps",
                 "optimizer",
+                "train_text_encoder",
             )
         }
     )
