@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from stages.lib import world_metrics as wm
-from stages.lib.attribute_reader import ReaderTraining, load_reader, save_reader, train_reader
+from stages.lib.attribute_reader import (
+    ReaderTraining,
+    label_tensors,
+    load_reader,
+    save_reader,
+    train_reader,
+)
 from stages.lib.images import to_pixels
 from stages.lib.schema import TinyModelConfig
 from stages.lib.tiny_model import tiny_vae
@@ -84,7 +90,7 @@ def test_tiny_vae_keeps_colour_and_layout() -> None:
 def reader_and_data():
     rendered = render_world(5, range(700), 64)
     pixels = to_pixels([im for im, _ in rendered], 64)
-    labels = {n: torch.tensor([item.labels()[n] for _, item in rendered]) for n in ATTRIBUTES}
+    labels = label_tensors([item for _, item in rendered])
     reader, acc = train_reader(pixels, labels, ReaderTraining(steps=300, batch_size=64), holdout=150)
     return reader, acc, rendered
 

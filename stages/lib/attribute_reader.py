@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from stages.lib.errors import StageError
 from stages.lib.images import to_pixels
-from stages.lib.world import ATTRIBUTES
+from stages.lib.world import ATTRIBUTES, WorldImage
 
 READER_DIR = "attribute_reader"
 WEIGHTS = "reader.safetensors"
@@ -59,6 +59,11 @@ class AttributeReader(nn.Module):
         logits = self(pixels)
         picks = {name: logits[name].argmax(1).tolist() for name in self.attributes}
         return [{n: self.attributes[n][picks[n][i]] for n in self.attributes} for i in range(pixels.shape[0])]
+
+
+def label_tensors(items: Sequence[WorldImage]) -> dict[str, torch.Tensor]:
+    """The reader's training targets: every image's class index per attribute."""
+    return {name: torch.tensor([item.labels()[name] for item in items]) for name in ATTRIBUTES}
 
 
 @dataclass

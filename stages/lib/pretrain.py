@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 
-from stages.lib.attribute_reader import READER_DIR, ReaderTraining, save_reader, train_reader
+from stages.lib.attribute_reader import READER_DIR, ReaderTraining, label_tensors, save_reader, train_reader
 from stages.lib.checkpoints import CheckpointStore, fingerprint, hash_files
 from stages.lib.finetune import encode_prompt, make_validation_hook, prompt_ids, write_loss_table
 from stages.lib.images import to_pixels
@@ -21,7 +21,7 @@ from stages.lib.schema import TinyModelConfig
 from stages.lib.tracking import StageTracker
 from stages.lib.train_data import ImageSet, LatentCache, encode_latents
 from stages.lib.training import DiffusionTrainer, TrainingData, accelerator_for
-from stages.lib.world import ATTRIBUTES, SUBJECT_IDENTITY, WorldImage, render_world
+from stages.lib.world import SUBJECT_IDENTITY, WorldImage, render_world
 
 CODE_FILES = [Path(__file__).with_name(n) for n in ("pretrain.py", "training.py", "world.py", "tiny_vae.py")]
 VALIDATION_PROMPT = "a photo of man face"
@@ -116,7 +116,7 @@ def fit_reader(
 ) -> dict[str, float]:
     """Train and save the attribute reader; returns its held-out accuracy per attribute."""
     pixels = generation_like(pipe, latents, cfg.world.reader_noise, cfg.world.seed)
-    labels = {n: torch.tensor([item.labels()[n] for item in items]) for n in ATTRIBUTES}
+    labels = label_tensors(items)
     training = ReaderTraining(steps=cfg.world.reader_steps, seed=cfg.world.seed)
     holdout = max(1, len(items) // 10)
     reader, acc = train_reader(pixels, labels, training, holdout)
