@@ -139,17 +139,6 @@ def test_stage_writes_a_grid_per_control_image_and_edge_metrics(world, generated
     }
 
 
-@pytest.mark.xfail(
-    reason="needs a pretrained miniature that generates sharp structure: these tests run on the tiny model without "
-    "its minutes-long pretraining, whose UNet does not generate, and even the pretrained 16 x 16-latent miniature "
-    "gives only blurred edges (see the ControlNet issue notes for the measured edge F1)",
-    strict=False,
-)
-def test_edges_follow_the_control_map_clearly_better_with_controlnet(generated) -> None:
-    _, metrics = generated
-    assert metrics["edge_f1_dreambooth"] > metrics["edge_f1_without_controlnet"] + 0.1, metrics
-
-
 def test_pretrained_controlnet_is_imported_through_model_path(world, trained, tmp_path: Path) -> None:
     cfg = copy.deepcopy(world.cfg)
     cfg.controlnet.model_path = str(trained[0])
@@ -235,10 +224,11 @@ def test_training_settings_follow_dreambooth_with_the_controlnet_learning_rate(
     train = cfg.controlnet.train
     assert train.resolution == 96 and train.seed == cfg.dreambooth.seed  # interpolated from dreambooth
     assert not train.train_text_encoder  # never: only the ControlNet trains
-    expected = (3e-3, 4, 100) if profile == "tiny" else (1e-5, cfg.dreambooth.train_batch_size, 800)
+    expected = (1e-3, 4, 1000) if profile == "tiny" else (1e-5, cfg.dreambooth.train_batch_size, 800)
     assert (train.learning_rate, train.train_batch_size, train.max_train_steps) == expected
     s = cfg.controlnet
-    assert s.annotator == "canny" and s.edge_tolerance == DEFAULT_TOLERANCE_FRACTION
+    tolerance = 0.045 if profile == "tiny" else DEFAULT_TOLERANCE_FRACTION  # tiny: one 4-px latent cell
+    assert s.annotator == "canny" and s.edge_tolerance == tolerance
     assert (s.model_path, s.revision, s.control_images, s.num_control_images) == ("", "", [], 4)
 
 

@@ -120,6 +120,14 @@ def test_repro_writes_every_stage_output(repo: Path) -> None:
     assert convert_metrics["extract_text_encoder_left_out"] == 1.0  # the tiny profile trains the text encoder
 
 
+def test_controlnet_makes_the_images_follow_the_control_edges(repo: Path) -> None:
+    """The trained tiny ControlNet works: its images agree with the control maps' edges clearly better than the
+    same prompts and seeds without it, for DreamBooth and for DreamBooth + the featured LoRA."""
+    control = json.loads((repo / "reports/controlnet/metrics.json").read_text())
+    assert control["edge_tolerance_px"] == 4.0
+    assert control["edge_f1_gain"] > 0.1 and control["edge_f1_gain_lora"] > 0.05, control
+
+
 def test_dreambooth_and_every_lora_draw_the_subject_the_base_does_not(repo: Path) -> None:
     """The miniature makes DreamBooth's effect measurable: the attribute reader finds the subject's identity
     attributes in the `sks` images far more often after DreamBooth and each LoRA than with the base model, while
