@@ -150,15 +150,12 @@ def run(cfg: PipelineConfig, model_dir: Path, out_dir: Path, paths: FinetunePath
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, default=Path("models/dreambooth"), help="the UNet to steer")
-    parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
-    parser.add_argument("--class-images", type=Path, default=Path("data/class_images"))
     parser.add_argument("--out", type=Path, default=Path("models/controlnet"))
-    parser.add_argument("--checkpoints", type=Path, default=Path("checkpoints/controlnet"))
-    parser.add_argument("--reports", type=Path, default=Path("reports/controlnet_train"))
+    FinetunePaths.add_arguments(parser, "checkpoints/controlnet", "reports/controlnet_train")
 
 
 def _run(cfg: PipelineConfig, a: argparse.Namespace) -> dict[str, float]:
-    return run(cfg, a.model, a.out, FinetunePaths(a.prepared, a.class_images, a.checkpoints, a.reports))
+    return run(cfg, a.model, a.out, FinetunePaths.from_arguments(a))
 
 
 def main(argv: list[str] | None = None) -> int:

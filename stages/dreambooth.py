@@ -54,15 +54,12 @@ def run(cfg: PipelineConfig, base_dir: Path, out_dir: Path, paths: FinetunePaths
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", type=Path, default=Path("models/base"))
-    parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
-    parser.add_argument("--class-images", type=Path, default=Path("data/class_images"))
     parser.add_argument("--out", type=Path, default=Path("models/dreambooth"))
-    parser.add_argument("--checkpoints", type=Path, default=Path("checkpoints/dreambooth"))
-    parser.add_argument("--reports", type=Path, default=Path("reports/dreambooth"))
+    FinetunePaths.add_arguments(parser, "checkpoints/dreambooth", "reports/dreambooth")
 
 
 def _run(cfg: PipelineConfig, a: argparse.Namespace) -> dict[str, float]:
-    return run(cfg, a.base, a.out, FinetunePaths(a.prepared, a.class_images, a.checkpoints, a.reports))
+    return run(cfg, a.base, a.out, FinetunePaths.from_arguments(a))
 
 
 def main(argv: list[str] | None = None) -> int:

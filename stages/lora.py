@@ -100,17 +100,12 @@ def run(
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--dreambooth", type=Path, default=Path("models/dreambooth"))
-    parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
-    parser.add_argument("--class-images", type=Path, default=Path("data/class_images"))
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--checkpoints", type=Path, required=True)
-    parser.add_argument("--reports", type=Path, required=True)
+    FinetunePaths.add_arguments(parser, checkpoints=None, reports=None)
 
 
 def _run(cfg: PipelineConfig, a: argparse.Namespace) -> dict[str, float]:
-    return run(
-        cfg, a.rank, a.dreambooth, a.out, FinetunePaths(a.prepared, a.class_images, a.checkpoints, a.reports)
-    )
+    return run(cfg, a.rank, a.dreambooth, a.out, FinetunePaths.from_arguments(a))
 
 
 def main(argv: list[str] | None = None) -> int:

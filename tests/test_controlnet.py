@@ -67,17 +67,18 @@ def trained(world: TinyWorld) -> tuple[Path, dict[str, float]]:
     return out, metrics
 
 
+def control_paths(world: TinyWorld, controlnet_dir: Path, reports: Path) -> controlnet.ControlPaths:
+    """The world's DreamBooth model, LoRAs and prepared photos with ``controlnet_dir``, reporting to ``reports``."""
+    models = world.root / "models"
+    return controlnet.ControlPaths(
+        models / "dreambooth", models / "lora", controlnet_dir, world.prepared, reports
+    )
+
+
 @pytest.fixture(scope="module")
 def generated(world: TinyWorld, trained) -> tuple[Path, dict[str, float]]:
     reports = world.root / "reports" / "controlnet"
-    paths = controlnet.ControlPaths(
-        world.root / "models" / "dreambooth",
-        world.root / "models" / "lora",
-        trained[0],
-        world.prepared,
-        reports,
-    )
-    return reports, controlnet.run(world.cfg, paths)
+    return reports, controlnet.run(world.cfg, control_paths(world, trained[0], reports))
 
 
 def test_controlnet_trains_through_the_shared_loop_and_saves_a_diffusers_folder(world, trained) -> None:
@@ -199,13 +200,7 @@ def test_a_controlnet_of_another_architecture_is_refused(world, trained, tmp_pat
 def test_generation_errors_name_the_missing_piece(world, trained, tmp_path: Path) -> None:
     cfg = copy.deepcopy(world.cfg)
     cfg.lora.rank = 8
-    paths = controlnet.ControlPaths(
-        world.root / "models" / "dreambooth",
-        world.root / "models" / "lora",
-        trained[0],
-        world.prepared,
-        tmp_path,
-    )
+    paths = control_paths(world, trained[0], tmp_path)
     with pytest.raises(StageError, match=r"lora\.rank=8 is not trained"):
         controlnet.run(cfg, paths)
     paths.controlnet = tmp_path / "nothing"

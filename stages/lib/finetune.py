@@ -3,6 +3,7 @@ checkpoint fingerprints and the loss table for ``dvc plots``."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -35,6 +36,23 @@ class FinetunePaths:
     class_dir: Path | None
     checkpoint_dir: Path
     reports_dir: Path
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser, checkpoints: str | None, reports: str | None) -> None:
+        """``--prepared``, ``--class-images``, ``--checkpoints`` and ``--reports``; the last two default to the
+        given folders, or are required where None."""
+        parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
+        parser.add_argument("--class-images", type=Path, default=Path("data/class_images"))
+        for flag, default in (("--checkpoints", checkpoints), ("--reports", reports)):
+            if default is None:
+                parser.add_argument(flag, type=Path, required=True)
+            else:
+                parser.add_argument(flag, type=Path, default=Path(default))
+
+    @classmethod
+    def from_arguments(cls, args: argparse.Namespace) -> FinetunePaths:
+        """The paths parsed by :meth:`add_arguments`."""
+        return cls(args.prepared, args.class_images, args.checkpoints, args.reports)
 
 
 def prompt_ids(pipe: StableDiffusionPipeline, prompt: str | list[str]) -> torch.Tensor:

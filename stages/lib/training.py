@@ -54,6 +54,12 @@ class TrainingData:
     # latents (ControlNet maps); when set, the denoiser is called with ``controlnet_cond``.
     cond: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def has_prompt(self, kind: str) -> bool:
+        """Whether ``kind`` has prompt embeddings (cached, or from the trained text encoder), without computing them."""
+        cached = self.instance_embeds if kind == "instance" else self.class_embeds
+        ids = self.instance_ids if kind == "instance" else self.class_ids
+        return cached is not None or (self.text_encoder is not None and ids is not None)
+
     def embeds(self, kind: str) -> torch.Tensor | None:
         """Prompt embeddings of ``kind`` ("instance" | "class"): cached, or fresh from the trained text encoder."""
         cached = self.instance_embeds if kind == "instance" else self.class_embeds
@@ -267,7 +273,7 @@ class DiffusionTrainer:
     @torch.no_grad()
     def probe_loss(self, cache: LatentCache | None, kind: str, cond_key: str = "") -> float:
         """Denoising loss with fixed noise and timesteps on up to ``num_probes`` images: comparable across steps."""
-        if cache is None or self.data.embeds(kind) is None:
+        if cache is None or not self.data.has_prompt(kind):
             return math.nan
         n = min(self.cfg.num_probes, len(cache))
         embeds = self.data.rows(kind, torch.arange(n).repeat_interleave(PROBE_TIMESTEPS))
