@@ -128,7 +128,11 @@ def test_world_metric_arithmetic() -> None:
     b = {**a, "glasses": "no glasses"}
     assert wm.subject_scores([a, b], a) == {"subject_rate": 0.5, "subject_match": 0.9}
     assert wm.diversity([a, a]) == 0.0 and wm.diversity([a, b]) == pytest.approx(0.2)
-    assert wm.class_scores([a], a) == {"class_diversity": 0.0, "class_subject_rate": 1.0}
+    assert wm.class_scores([a, b], a) == {
+        "class_diversity": pytest.approx(0.2),
+        "class_subject_rate": 0.5,
+        "class_subject_match": 0.9,
+    }
 
 
 def test_compare_reads_subject_and_drift_off_infer_outputs(reader_and_data, tmp_path) -> None:
@@ -159,6 +163,7 @@ def test_compare_reads_subject_and_drift_off_infer_outputs(reader_and_data, tmp_
     assert db["subject_match"] > base["subject_match"] + 0.3, (db, base)
     assert (
         db["class_subject_rate"] >= base["class_subject_rate"]
+        and db["class_subject_match"] > base["class_subject_match"]
         and db["class_diversity"] < base["class_diversity"]
     )
     assert set(db) == {
@@ -168,4 +173,5 @@ def test_compare_reads_subject_and_drift_off_infer_outputs(reader_and_data, tmp_
         "style_fidelity",
         "class_diversity",
         "class_subject_rate",
+        "class_subject_match",
     }

@@ -16,6 +16,7 @@ DESCRIPTIONS = {
     "style_fidelity": "share of images in the style their prompt names (photo, anime, classicist)",
     "class_diversity": "mean share of identity attributes that differ between two class-prompt images",
     "class_subject_rate": "share of class-prompt images that show the subject (language drift)",
+    "class_subject_match": "mean share of the subject's identity attributes in class-prompt images (partial drift)",
 }
 
 
@@ -71,8 +72,10 @@ def diversity(readings: Sequence[Reading]) -> float:
 
 
 def class_scores(readings: Sequence[Reading], subject: Reading) -> dict[str, float]:
-    """class_diversity and class_subject_rate of images made from the class prompt."""
+    """class_diversity, class_subject_rate and class_subject_match of images made from the class prompt."""
+    drift = subject_scores(readings, subject)
     return {
         "class_diversity": diversity(readings),
-        "class_subject_rate": subject_scores(readings, subject)["subject_rate"],
+        "class_subject_rate": drift["subject_rate"],
+        "class_subject_match": drift["subject_match"],
     }
