@@ -60,10 +60,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> TinyWorld:
 
 @pytest.fixture(scope="module")
 def trained(world: TinyWorld) -> tuple[Path, dict[str, float]]:
+    """Trained on the base UNet like dvc.yaml's stage; the generation tests use it with the DreamBooth UNet."""
     out = world.root / "models" / "controlnet"
-    metrics = controlnet_train.run(
-        world.cfg, world.root / "models" / "dreambooth", out, world.paths("controlnet")
-    )
+    metrics = controlnet_train.run(world.cfg, world.base_dir, out, world.paths("controlnet"))
     return out, metrics
 
 

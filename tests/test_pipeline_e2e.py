@@ -44,8 +44,14 @@ STAGE_RUNS = {
 }
 
 
-# The default pretrains the miniature for 4-5 minutes; the end-to-end test uses a shorter pretraining (still enough for
-# DreamBooth's effect on the subject, prior preservation's and the ControlNet's to show).
+# The default pretrains the miniature for 4-5 minutes and trains DreamBooth 2400 steps with EMA (3 min); the
+# end-to-end test uses a shorter pretraining and the reference 800 DreamBooth steps: still enough for DreamBooth's
+# effect on the subject, prior preservation's and the ControlNet's to show (on this weak base 2400 steps bind the
+# subject no better: subject rate 0.04 against 0.01).
+REFERENCE_DREAMBOOTH = (
+    "  max_train_steps: 2400\n  use_ema: true\n",
+    "  max_train_steps: 800\n  use_ema: false\n",
+)
 SHORT_TRAINING = """
 model:
   tiny:
@@ -90,7 +96,11 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(PROJECT_ROOT / name, root / name)
     profile = root / "conf/profile/tiny.yaml"  # short pretraining: the suite's time budget
-    profile.write_text(profile.read_text() + SHORT_TRAINING)
+    text = profile.read_text()
+    assert REFERENCE_DREAMBOOTH[0] in text, (
+        "conf/profile/tiny.yaml: DreamBooth settings moved; update this test"
+    )
+    profile.write_text(text.replace(*REFERENCE_DREAMBOOTH) + SHORT_TRAINING)
     _sh(root, "python", "-m", "stages.compose")
     _sh(root, "git", "init", "-q")
     _sh(root, "git", "add", "-A")
@@ -130,8 +140,9 @@ def test_controlnet_makes_the_images_follow_the_control_edges(repo: Path) -> Non
     same prompts and seeds without it, for DreamBooth and for DreamBooth + the featured LoRA."""
     control = json.loads((repo / "reports/controlnet/metrics.json").read_text())
     assert control["edge_tolerance_px"] == 4.0
-    # measured on this test's base: +0.10 (DreamBooth) and +0.08 (+ LoRA); +0.12 / +0.12 with 400 DreamBooth steps
-    assert control["edge_f1_gain"] > 0.07 and control["edge_f1_gain_lora"] > 0.05, control
+    # measured on this test's base with the ControlNet trained on the base: +0.078 (DreamBooth) and +0.038 (+ LoRA
+    # r24); trained on the DreamBooth UNet it gave +0.10 / +0.08, but nothing once DreamBooth binds (README)
+    assert control["edge_f1_gain"] > 0.05 and control["edge_f1_gain_lora"] > 0.02, control
 
 
 def test_dreambooth_and_every_lora_draw_the_subject_the_base_does_not(repo: Path) -> None:

@@ -105,6 +105,7 @@ def test_kill_minus_9_then_rerun_resumes_and_matches_uninterrupted_run(
                 "validation_inference_steps",
                 "optimizer",
                 "train_text_encoder",
+                "use_ema",
             )
         }
     )

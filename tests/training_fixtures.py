@@ -59,7 +59,8 @@ def tiny_training_cfg(cfg: PipelineConfig, steps: int = 30) -> PipelineConfig:
     # the random tiny model learns the synthetic subject in a few dozen steps at these rates (the profile's are
     # tuned for the pretrained miniature)
     cfg.dreambooth.learning_rate, cfg.lora.train.learning_rate = 1e-3, 5e-3
-    cfg.dreambooth.train_text_encoder = False  # options are tested one at a time from UNet-only training
+    # options are tested one at a time from UNet-only training without EMA
+    cfg.dreambooth.train_text_encoder = cfg.dreambooth.use_ema = False
     for train in (cfg.dreambooth, cfg.lora.train):
         train.max_train_steps = steps
         train.checkpointing_steps = 10
