@@ -6,6 +6,9 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 PYTEST_ARGS ?=
+# Two pytest workers at one torch thread each: one runs the end-to-end module (~16 min), the other all the rest
+# (~8 min). Measured: 17 min 43 s against 19-20 min for a plain `pytest` at two threads.
+TEST_WORKERS ?= 2
 
 .PHONY: setup repro test lint format params ui
 
@@ -24,7 +27,7 @@ repro: setup
 	dvc repro
 
 test: setup
-	pytest $(PYTEST_ARGS)
+	pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: setup
 	ruff check . && ruff format --check .

@@ -15,6 +15,23 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # set in each worker of `pytest -n N` (make test)
+if XDIST_WORKER:  # the workers share the cores: one torch thread each, in-process and in the processes they
+    # start (the end-to-end `dvc repro` too; with 2 threads beside a busy worker it ran 3x slower)
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if XDIST_WORKER:
+        import torch
+
+        torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The end-to-end module first (in its own order): under `pytest -n 2 --dist loadfile` one worker runs it
+    from the start while the other runs every other module."""
+    items.sort(key=lambda item: "test_pipeline_e2e.py" not in item.nodeid)
 
 
 @pytest.fixture
