@@ -97,7 +97,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
             shutil.copy2(PROJECT_ROOT / name, root / name)
     profile = root / "conf/profile/tiny.yaml"  # short pretraining: the suite's time budget
     text = profile.read_text()
-    assert REFERENCE_DREAMBOOTH[0] in text, (
+    assert text.count(REFERENCE_DREAMBOOTH[0]) == 1, (
         "conf/profile/tiny.yaml: DreamBooth settings moved; update this test"
     )
     profile.write_text(text.replace(*REFERENCE_DREAMBOOTH) + SHORT_TRAINING)
