@@ -43,14 +43,31 @@ def test_broken_tracking_warns_and_still_writes_metrics(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "reports" / "metrics.json").read_text()) == {"score": 1.0}
 
 
-def test_failed_stage_marks_run_failed(tmp_path: Path) -> None:
+def test_failed_stage_marks_run_failed_and_keeps_its_step_metrics(tmp_path: Path) -> None:
     cfg = TrackingConfig(uri=f"sqlite:///{tmp_path / 'm.db'}", experiment_name="t")
     with pytest.raises(ValueError, match="boom"):
-        with stage_run("demo", cfg, {}, tmp_path / "reports"):
+        with stage_run("demo", cfg, {}, tmp_path / "reports") as tracker:
+            tracker.log_metrics({"loss": 0.3}, step=7)  # still buffered when the stage fails
             raise ValueError("boom")
     client = MlflowClient(cfg.uri)
     (run,) = client.search_runs([client.get_experiment_by_name("t").experiment_id])
     assert run.info.status == "FAILED"
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] == [(7, 0.3)]
+
+
+def test_step_metrics_are_batched_and_all_arrive_in_order(tmp_path: Path) -> None:
+    """More metrics than one MLflow batch holds (1000): every step arrives, in order, with its step number."""
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path / 'm.db'}", experiment_name="t")
+    with stage_run("demo", cfg, {}, tmp_path / "reports") as tracker:
+        for step in range(1, 701):
+            tracker.log_metrics({"loss": 1.0 / step, "lr": 1e-4}, step=step)
+        assert len(tracker._pending) < 2 * 700  # flushed once the batch limit was reached
+    client = MlflowClient(cfg.uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+    history = sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)
+    assert [m.step for m in history] == list(range(1, 701))
+    assert [m.value for m in history] == [1.0 / s for s in range(1, 701)]
+    assert len(client.get_metric_history(run.info.run_id, "lr")) == 700
 
 
 def test_default_uri_is_sqlite_at_dvc_root(tmp_path: Path, monkeypatch) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import warnings
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ from safetensors.torch import load_file
 
 from stages import dreambooth
 from stages.lib.losses import min_snr_weights, sample_noise
+from stages.lib.optim import make_optimizer
+from stages.lib.schema import TrainConfig
 from stages.lib.train_data import face_weight_maps
 
 from .training_fixtures import TinyWorld, new_world, tiny_training_cfg
@@ -118,6 +121,29 @@ def test_adamw8bit_falls_back_on_cpu_with_a_warning(world) -> None:
     with pytest.warns(RuntimeWarning, match="falling back to torch.optim.AdamW"):
         metrics, _, _ = train(world, "opt_8bit", optimizer="adamw8bit")
     assert metrics["steps"] == 10
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+def test_torch_adamw_is_fused_on_cpu(optimizer: str) -> None:
+    """One fused kernel per step instead of one per tensor (5x faster on the tiny model), same updates."""
+    cfg = TrainConfig(optimizer=optimizer, learning_rate=1e-2)
+    weights = [torch.randn(3, 4), torch.randn(5)]
+    fused_params = [torch.nn.Parameter(w.clone()) for w in weights]
+    plain_params = [torch.nn.Parameter(w.clone()) for w in weights]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the 8-bit fallback's warning
+        fused = make_optimizer(fused_params, cfg, torch.device("cpu"))
+    plain = torch.optim.AdamW(
+        plain_params, **{k: fused.defaults[k] for k in ("lr", "betas", "eps", "weight_decay")}
+    )
+    assert fused.defaults["fused"] is True
+    for _ in range(3):
+        for params, opt in ((fused_params, fused), (plain_params, plain)):
+            for p in params:
+                p.grad = p.detach() * 0.5 + 1.0
+            opt.step()
+    for a, b in zip(fused_params, plain_params, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_holdout_validation_reports_best_step(world, baseline) -> None:

@@ -179,7 +179,7 @@ class DiffusionTrainer:
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.optimizer = make_optimizer(params.values(), cfg, self.device)
         self.lr_scheduler = make_lr_scheduler(self.optimizer, cfg)
-        self.ema = EMAModel(list(params.values()), decay=cfg.ema_decay) if cfg.use_ema else None
+        self.ema = EMAModel(list(params.values()), decay=cfg.ema_decay, foreach=True) if cfg.use_ema else None
         if data.text_encoder is not None:
             data.text_encoder = accelerator.prepare(data.text_encoder)
         self.unet, self.optimizer, self.lr_scheduler = accelerator.prepare(
