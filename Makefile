@@ -27,7 +27,7 @@ repro: setup
 	dvc repro
 
 test: setup
-	pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 lint: setup
 	ruff check . && ruff format --check .

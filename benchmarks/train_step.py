@@ -1,20 +1,27 @@
-"""SD1.5-size benchmark: the project's training step and class-image sampling against plain diffusers code,
-measured in the same run on the same GPU, printed as ratios.
+"""Training-step benchmark: the project's DreamBooth and LoRA step against plain diffusers code, measured in the
+same run on the same device, printed as ratios.
 
 Baseline = what diffusers' train_dreambooth.py does per step (VAE encode of the pixel batch and text-encoder
-forward every step, bf16 autocast, bitsandbytes AdamW8bit) and a plain pipeline call for sampling.
-Project = stages.lib.training.DiffusionTrainer (cached latents and embeddings) and stages.class_images.generate.
-Random weights with the real SD1.5 configs (stages/lib/sd15_configs); nothing is downloaded.
+forward every step; on CUDA bf16 autocast and bitsandbytes AdamW8bit, on the CPU fp32 and torch's AdamW with its
+defaults) and logs the loss to MLflow every step, as accelerate's MLflow tracker does (``--no-mlflow``: neither
+side logs; the GPU machine has no MLflow).
+Project = stages.lib.training.DiffusionTrainer (cached latents and embeddings, fused AdamW where 8-bit cannot run,
+MLflow step metrics in batches) with its StageTracker.
+Random weights, nothing downloaded: ``--model sd15`` the real SD1.5 configs (stages/lib/sd15_configs) at 512 px on
+CUDA; ``--model tiny`` the embedded default's architecture at 64 px, on the CPU by default.
 
-    python benchmarks/train_step.py --steps 30 --out bench.json
+    python benchmarks/train_step.py --steps 30 --out bench.json           # SD1.5 size, CUDA
+    python benchmarks/train_step.py --model tiny --steps 200 --warmup 20  # the tiny default, CPU
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,13 +40,14 @@ from stages.lib.checkpoints import CheckpointStore
 from stages.lib.finetune import encode_prompt, prompt_ids
 from stages.lib.models import SD15_CONFIG_DIR
 from stages.lib.optim import make_optimizer
-from stages.lib.schema import TrackingConfig, TrainConfig
+from stages.lib.schema import TinyModelConfig, TrackingConfig, TrainConfig
+from stages.lib.tiny_model import build_tiny_pipeline
 from stages.lib.tokenizer import build_clip_tokenizer
 from stages.lib.tracking import StageTracker
 from stages.lib.train_data import ImageSet, encode_latents
 from stages.lib.training import DiffusionTrainer, TrainingData, accelerator_for
 
-RES = 512
+RESOLUTION = {"sd15": 512, "tiny": 64}
 
 
 def sd15_pipeline(work: Path) -> StableDiffusionPipeline:
@@ -60,53 +68,62 @@ def sd15_pipeline(work: Path) -> StableDiffusionPipeline:
     )
 
 
-def timed(step: Callable[[int], None], steps: int, warmup: int) -> dict[str, float]:
+def timed(step: Callable[[int], None], steps: int, warmup: int, device: torch.device) -> dict[str, float]:
+    cuda = device.type == "cuda"
     for i in range(warmup):
         step(i)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for i in range(warmup, warmup + steps):
         step(i)
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
-    return {"step_s": dt, "it_per_s": 1 / dt, "peak_GiB": torch.cuda.max_memory_allocated() / 2**30}
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else math.nan
+    return {"step_s": dt, "it_per_s": 1 / dt, "peak_GiB": peak}
 
 
 def baseline_step_fn(
-    pipe, cfg: TrainConfig, pixels: torch.Tensor, ids: torch.Tensor, params
+    pipe, cfg: TrainConfig, pixels: torch.Tensor, ids: torch.Tensor, params, log: Callable[..., object] | None
 ) -> Callable[[int], None]:
-    """diffusers' train_dreambooth.py, one instance + one class example per step."""
+    """diffusers' train_dreambooth.py, one instance + one class example per step, the loss logged every step."""
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    opt = make_optimizer(params, cfg, torch.device("cuda"))
+    device = pipe.unet.device
+    cuda = device.type == "cuda"
+    opt = make_optimizer(params, cfg, device) if cuda else torch.optim.AdamW(params, lr=cfg.learning_rate)
+    dtype = torch.bfloat16 if cuda else torch.float32
 
     def step(i: int) -> None:
         with torch.no_grad():
-            latents = (
-                pipe.vae.encode(pixels.to(torch.bfloat16)).latent_dist.sample()
-                * pipe.vae.config.scaling_factor
-            )
+            latents = pipe.vae.encode(pixels.to(dtype)).latent_dist.sample() * pipe.vae.config.scaling_factor
             embeds = pipe.text_encoder(ids)[0]
         noise = torch.randn_like(latents)
-        t = torch.randint(0, 1000, (latents.shape[0],), device="cuda")
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        t = torch.randint(0, 1000, (latents.shape[0],), device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             pred = pipe.unet(sched.add_noise(latents, noise, t), t, embeds).sample
         inst, prior = (
             torch.nn.functional.mse_loss(pred.float(), noise.float(), reduction="none")
             .mean((1, 2, 3))
             .chunk(2)
         )
-        (inst.mean() + prior.mean()).backward()
+        loss = inst.mean() + prior.mean()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        logs = {"loss": loss.detach().item(), "lr": cfg.learning_rate}  # train_dreambooth.py's progress bar
+        if log is not None:
+            log(logs, step=i)
 
     return step
 
 
 def project_step_fn(
-    pipe, cfg: TrainConfig, images: ImageSet, work: Path, params: dict
+    pipe, cfg: TrainConfig, images: ImageSet, work: Path, params: dict, tracker: StageTracker
 ) -> Callable[[int], None]:
+    """The project's step: DiffusionTrainer over cached latents and prompt embeddings, logging to ``tracker``."""
     data = TrainingData(
         instance=encode_latents(pipe.vae, images),
         instance_embeds=encode_prompt(pipe, "a photo of sks man face"),
@@ -121,34 +138,80 @@ def project_step_fn(
         data,
         params,
         CheckpointStore(work / "ckpt", "bench", 1),
-        StageTracker("bench", TrackingConfig(enabled=False), work),
-        accelerator_for(cfg, torch.device("cuda")),
+        tracker,
+        accelerator_for(cfg, pipe.unet.device),
     )
-    return trainer.train_step
+
+    def step(i: int) -> None:
+        tracker.log_metrics(trainer.train_step(i), step=i)  # what DiffusionTrainer.run does each step
+
+    return step
 
 
-def run(steps: int, warmup: int) -> dict[str, object]:
-    work = Path(tempfile.mkdtemp())
-    pipe = sd15_pipeline(work).to("cuda")
-    pipe.vae.to(torch.bfloat16).requires_grad_(False)
-    pipe.text_encoder.to(torch.bfloat16).requires_grad_(False)
-    g = torch.Generator().manual_seed(0)
-    images = ImageSet(torch.rand(4, 3, RES, RES, generator=g) * 2 - 1, [str(i) for i in range(4)], [None] * 4)
-    pixels = images.pixels[:2].cuda()
-    ids = torch.cat([prompt_ids(pipe, "a photo of sks man face"), prompt_ids(pipe, "a photo of man face")])
-    results: dict[str, object] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
-    db = TrainConfig(max_train_steps=10_000, checkpointing_steps=10**9, validation_steps=10**9)
+def compare(
+    name: str, pipe, cfg: TrainConfig, images: ImageSet, params: dict, work: Path, steps: int, warmup: int,
+    use_mlflow: bool,
+) -> dict[str, object]:  # fmt: skip
+    """Baseline and project step on the same weights (restored in between), each logging to its MLflow run."""
+    device = pipe.unet.device
     state = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-
-    pipe.unet.requires_grad_(True)
-    params = dict(pipe.unet.named_parameters())
-    results["db_baseline"] = timed(
-        baseline_step_fn(pipe, db, pixels, ids, list(params.values())), steps, warmup
+    pixels = images.pixels[:2].to(device)
+    ids = torch.cat([prompt_ids(pipe, "a photo of sks man face"), prompt_ids(pipe, "a photo of man face")])
+    tracking = TrackingConfig(
+        enabled=use_mlflow, uri=f"sqlite:///{work / 'mlflow.db'}", experiment_name="bench"
     )
-    pipe.unet.load_state_dict(state)
-    results["db_project"] = timed(project_step_fn(pipe, db, images, work, params), steps, warmup)
+    baseline_log = None
+    if use_mlflow:
+        import mlflow
 
+        mlflow.set_tracking_uri(tracking.uri)
+        mlflow.set_experiment(tracking.experiment_name)
+        mlflow.start_run(run_name=f"{name} baseline")
+        baseline_log = mlflow.log_metrics
+    try:
+        baseline = timed(baseline_step_fn(pipe, cfg, pixels, ids.to(device), list(params.values()), baseline_log),
+                         steps, warmup, device)  # fmt: skip
+    finally:
+        if use_mlflow:
+            mlflow.end_run()
     pipe.unet.load_state_dict(state)
+    tracker = StageTracker(f"{name} project", tracking, work / name)
+    tracker.start({})
+    try:
+        project = timed(project_step_fn(pipe, cfg, images, work, params, tracker), steps, warmup, device)
+    finally:
+        tracker.finish("FINISHED")
+    pipe.unet.load_state_dict(state)
+    return {f"{name}_baseline": baseline, f"{name}_project": project,
+            f"{name}_speedup": project["it_per_s"] / baseline["it_per_s"]}  # fmt: skip
+
+
+def run(model: str, device: torch.device, steps: int, warmup: int, use_mlflow: bool) -> dict[str, object]:
+    work = Path(tempfile.mkdtemp())
+    pipe = sd15_pipeline(work) if model == "sd15" else build_tiny_pipeline(TinyModelConfig(), work / "tok")
+    pipe.to(device)
+    frozen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    pipe.vae.to(frozen_dtype).requires_grad_(False)
+    pipe.text_encoder.to(frozen_dtype).requires_grad_(False)
+    res = RESOLUTION[model]
+    g = torch.Generator().manual_seed(0)
+    images = ImageSet(torch.rand(4, 3, res, res, generator=g) * 2 - 1, [str(i) for i in range(4)], [None] * 4)
+    results: dict[str, object] = {
+        "model": model,
+        "device": torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "mlflow_logging": use_mlflow,
+    }
+    never = {"max_train_steps": 10_000, "checkpointing_steps": 10**9, "validation_steps": 10**9}
+    lr = 2e-6 if model == "sd15" else 4e-4
+    pipe.unet.requires_grad_(True)
+    db = TrainConfig(resolution=res, learning_rate=lr, **never)
+    results |= compare(
+        "db", pipe, db, images, dict(pipe.unet.named_parameters()), work, steps, warmup, use_mlflow
+    )
+
     pipe.unet.requires_grad_(False)
     pipe.unet.add_adapter(
         PeftLoraConfig(
@@ -159,34 +222,31 @@ def run(steps: int, warmup: int) -> dict[str, object]:
         )
     )
     lora_params = {n: p for n, p in pipe.unet.named_parameters() if p.requires_grad}
-    lr = TrainConfig(
-        learning_rate=5e-4, max_train_steps=10_000, checkpointing_steps=10**9, validation_steps=10**9
-    )
-    results["lora_r4_baseline"] = timed(
-        baseline_step_fn(pipe, lr, pixels, ids, list(lora_params.values())), steps, warmup
-    )
-    results["lora_r4_project"] = timed(project_step_fn(pipe, lr, images, work, lora_params), steps, warmup)
-    pipe.unet.unload_lora() if hasattr(pipe.unet, "unload_lora") else None
-    for name in ("db", "lora_r4"):
-        results[f"{name}_speedup"] = (
-            results[f"{name}_project"]["it_per_s"] / results[f"{name}_baseline"]["it_per_s"]
-        )
+    lora = TrainConfig(resolution=res, learning_rate=5e-4, **never)
+    results |= compare("lora_r4", pipe, lora, images, lora_params, work, steps, warmup, use_mlflow)
     return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", choices=sorted(RESOLUTION), default="sd15")
+    parser.add_argument("--device", help="default: cuda for sd15, cpu for tiny")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--no-mlflow", action="store_true", help="neither side logs step metrics")
     args = parser.parse_args()
-    results = run(args.steps, args.warmup)
+    device = torch.device(args.device or ("cuda" if args.model == "sd15" else "cpu"))
+    with warnings.catch_warnings():  # on the CPU the 8-bit AdamW fallback warns at every optimizer it builds
+        warnings.simplefilter("ignore", RuntimeWarning)
+        results = run(args.model, device, args.steps, args.warmup, not args.no_mlflow)
     print(json.dumps(results, indent=1))
     for name in ("db", "lora_r4"):
         b, p = results[f"{name}_baseline"], results[f"{name}_project"]
+        memory = [f" ({r['peak_GiB']:.1f} GiB)" if math.isfinite(r["peak_GiB"]) else "" for r in (b, p)]
         print(
-            f"{name}: baseline {b['it_per_s']:.2f} it/s ({b['peak_GiB']:.1f} GiB) | project {p['it_per_s']:.2f} it/s "
-            f"({p['peak_GiB']:.1f} GiB) | ratio {results[f'{name}_speedup']:.2f}x"
+            f"{name}: baseline {b['it_per_s']:.2f} it/s{memory[0]} | project {p['it_per_s']:.2f} it/s{memory[1]} "
+            f"| ratio {results[f'{name}_speedup']:.2f}x"
         )
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))

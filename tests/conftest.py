@@ -28,10 +28,22 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(1)
 
 
+E2E_FIRST, E2E_LAST = "test_pipeline_e2e.py", "test_pipeline_experiments.py"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The end-to-end module first (in its own order): under `pytest -n 2 --dist loadfile` one worker runs it
-    from the start while the other runs every other module."""
-    items.sort(key=lambda item: "test_pipeline_e2e.py" not in item.nodeid)
+    """The end-to-end module first and the experiments module last (each in its own order): under
+    `pytest -n 2 --dist loadfile` one worker builds the end-to-end clone from the start while the other runs
+    every other module, then takes the experiments module, whose tests use a copy of the same build."""
+    items.sort(key=lambda item: 0 if E2E_FIRST in item.nodeid else 2 if E2E_LAST in item.nodeid else 1)
+
+
+@pytest.fixture(scope="session")
+def e2e_clones(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The session's two identical end-to-end clones after `dvc repro` (tests/e2e_repo.py), built once."""
+    from .e2e_repo import shared_clone
+
+    return shared_clone(tmp_path_factory, 0), shared_clone(tmp_path_factory, 1)
 
 
 @pytest.fixture

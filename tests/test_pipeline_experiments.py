@@ -1,0 +1,67 @@
+"""End to end, DVC experiments: a queued sweep over `lora.rank` on a copy of the end-to-end clone (conftest's
+``e2e_clones``), so that it can run on the second pytest worker beside test_pipeline_e2e.py."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from .e2e_repo import sh
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def repo(e2e_clones: tuple[Path, Path]) -> Path:
+    """The second copy of the session's end-to-end clone: this module's experiments change it."""
+    return e2e_clones[1]
+
+
+def _experiments(node: object) -> Iterator[dict]:
+    """Every experiment record (name + params + metrics) in `dvc exp show --json` output."""
+    if isinstance(node, dict):
+        if "name" in node and isinstance(node.get("data"), dict) and "params" in node["data"]:
+            yield node
+        for value in node.values():
+            yield from _experiments(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _experiments(value)
+
+
+def test_queued_rank_sweep_lists_params_and_compare_metrics(repo: Path) -> None:
+    """Two queued experiments (ranks 4 and 8; the workspace has the default 24), run by `dvc queue start`:
+    `dvc exp show` lists each with its params and compare metrics, and each has its MLflow compare run tagged with
+    its experiment name."""
+    sh(repo, "dvc", "exp", "run", "--queue", "-S", "lora.rank=4,8")
+    sh(repo, "dvc", "queue", "start")
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        status = sh(repo, "dvc", "queue", "status").stdout
+        if not re.search(r"\b(Queued|Running)\b", status):
+            break
+        time.sleep(5)
+    assert "Failed" not in status, status
+    experiments = list(_experiments(json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout)))
+    by_rank = {}
+    for exp in experiments:
+        params = exp["data"]["params"]["params.yaml"]["data"]
+        metrics = exp["data"].get("metrics", {}).get("reports/compare/metrics.json", {}).get("data", {})
+        by_rank[params["lora"]["rank"]] = (exp["name"], metrics)
+    assert {4, 8, 24} <= set(by_rank), by_rank.keys()
+    for rank in (4, 8, 24):
+        name, metrics = by_rank[rank]
+        assert f"lora_r{rank}" in metrics and "dreambooth" in metrics, (rank, metrics.keys())
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("sd-personalise")
+    tagged = {
+        r.data.tags.get("dvc_exp_name")
+        for r in client.search_runs([experiment.experiment_id], "tags.stage = 'compare'")
+    }
+    assert {by_rank[r][0] for r in (4, 8)} <= tagged, tagged
