@@ -120,7 +120,7 @@ class StageTracker:
     # -- logging ----------------------------------------------------------------------------------------------
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
         """Step metrics (loss curves...) go to MLflow only, in batches: one write every few seconds instead of
-        one per training step (a per-step write cost ~20 ms, a quarter of a tiny-model step)."""
+        one per training step, which costs as much as a tiny-model step (benchmarks/train_step.py --model tiny)."""
         if self._mlflow is None:
             return
         from mlflow.entities import Metric
