@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 PYTEST_ARGS ?=
 # Two pytest workers at one torch thread each: one builds the end-to-end clone (~10 min) while the other runs
-# every other module, then both run end-to-end tests (README, Development): 13 min 33 s against 15 min 33 s.
+# every other module, then both run end-to-end tests (README, Development): 16 min on a clean clone.
 TEST_WORKERS ?= 2
 
 .PHONY: setup repro test lint format params ui
