@@ -48,6 +48,7 @@ from stages.lib.train_data import ImageSet, encode_latents
 from stages.lib.training import DiffusionTrainer, TrainingData, accelerator_for
 
 RESOLUTION = {"sd15": 512, "tiny": 64}
+INSTANCE_PROMPT, CLASS_PROMPT = "a photo of sks man face", "a photo of man face"
 
 
 def sd15_pipeline(work: Path) -> StableDiffusionPipeline:
@@ -126,9 +127,9 @@ def project_step_fn(
     """The project's step: DiffusionTrainer over cached latents and prompt embeddings, logging to ``tracker``."""
     data = TrainingData(
         instance=encode_latents(pipe.vae, images),
-        instance_embeds=encode_prompt(pipe, "a photo of sks man face"),
+        instance_embeds=encode_prompt(pipe, INSTANCE_PROMPT),
         class_probe=encode_latents(pipe.vae, images),
-        class_embeds=encode_prompt(pipe, "a photo of man face"),
+        class_embeds=encode_prompt(pipe, CLASS_PROMPT),
         with_prior=True,
     )
     trainer = DiffusionTrainer(
@@ -156,7 +157,7 @@ def compare(
     device = pipe.unet.device
     state = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     pixels = images.pixels[:2].to(device)
-    ids = torch.cat([prompt_ids(pipe, "a photo of sks man face"), prompt_ids(pipe, "a photo of man face")])
+    ids = torch.cat([prompt_ids(pipe, INSTANCE_PROMPT), prompt_ids(pipe, CLASS_PROMPT)])
     tracking = TrackingConfig(
         enabled=use_mlflow, uri=f"sqlite:///{work / 'mlflow.db'}", experiment_name="bench"
     )

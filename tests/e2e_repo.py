@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from .conftest import PROJECT_ROOT
+from .conftest import PROJECT_ROOT, XDIST_WORKER
 
 VENV_BIN = Path(sys.executable).parent
 # The default pretrains the miniature for 4-5 minutes and trains DreamBooth 2400 steps with EMA (3 min); the
@@ -92,7 +92,7 @@ def shared_clone(tmp_path_factory: pytest.TempPathFactory, which: int) -> Path:
     """Clone ``which`` (0 or 1) of the session's two identical built clones; both are built here if no process
     of this session has built them yet."""
     shared = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
+    if XDIST_WORKER:
         shared = shared.parent  # the same folder for every xdist worker of the session
     roots = [shared / name for name in CLONES]
     failed, done = shared / "e2e_clone.failed", shared / "e2e_clone.done"

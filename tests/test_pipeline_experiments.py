@@ -49,10 +49,10 @@ def test_queued_rank_sweep_lists_params_and_compare_metrics(repo: Path) -> None:
         time.sleep(5)
     assert "Failed" not in status, status
     experiments = list(_experiments(json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout)))
-    by_rank: dict[int, tuple[str, dict]] = {}  # rank -> (name, compare metrics) of a row that has them
-    for (
-        exp
-    ) in experiments:  # rank 24: the workspace row has metrics, the git commit's row (nothing committed) not
+    # rank -> (name, compare metrics) of a row that has them: for rank 24 the workspace row has metrics, the git
+    # commit's row (nothing committed) has none
+    by_rank: dict[int, tuple[str, dict]] = {}
+    for exp in experiments:
         rank = exp["data"]["params"]["params.yaml"]["data"]["lora"]["rank"]
         metrics = exp["data"].get("metrics", {}).get("reports/compare/metrics.json", {}).get("data", {})
         if metrics or rank not in by_rank:
