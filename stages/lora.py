@@ -22,6 +22,7 @@ from stages.lib.finetune import FinetunePaths, finetune, place_frozen_modules
 from stages.lib.models import load_pipeline, resolve_device
 from stages.lib.outputs import atomic_dir
 from stages.lib.schema import LoraConfig, PipelineConfig
+from stages.lib.seeding import seeded
 from stages.lib.tracking import stage_run
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -60,7 +61,8 @@ def run(
     pipe = load_pipeline(dreambooth_dir)
     place_frozen_modules(pipe, train, resolve_device(cfg.compute))
     pipe.unet.requires_grad_(False)
-    pipe.unet.add_adapter(peft_config(cfg.lora, rank))
+    with seeded(train.seed):  # PEFT draws lora_A from torch's global generator
+        pipe.unet.add_adapter(peft_config(cfg.lora, rank))
     params = {n: p for n, p in pipe.unet.named_parameters() if p.requires_grad}
     flat = {
         **to_flat_dict(train, "lora.train."),

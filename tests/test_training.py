@@ -177,6 +177,20 @@ def test_lora_param_count_loading_and_scale_zero(world, trained) -> None:
     assert torch.allclose(sample(cross_attention_kwargs={"scale": 0.0}), before, atol=1e-5)
 
 
+def test_lora_same_config_and_seed_give_bit_identical_weights(world, trained) -> None:
+    """PEFT initialises lora_A from torch's global generator, which torch seeds differently in every process and
+    which any earlier draw moves on: the stage seeds it, so two runs in one process (or two clones) agree."""
+    db_dir, _ = trained
+    runs = []
+    for name in ("lora_same_a", "lora_same_b"):
+        torch.rand(7)  # the global generator moves on between the runs, as it does between processes
+        out = world.root / "models" / name
+        lora.run(world.cfg, 4, db_dir, out, world.paths(name))
+        runs.append(load_file(out / lora.WEIGHT_NAME))
+    a, b = runs
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def sample_latents_with(pipe: StableDiffusionPipeline, prompt: str, **kwargs) -> torch.Tensor:
     return pipe(
         prompt,

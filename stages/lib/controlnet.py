@@ -16,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from stages.lib.models import SD15_CONFIG_DIR, ModelLoadError
+from stages.lib.seeding import seeded
 from stages.lib.single_file import Rule, convert_state_dict, diffusers_reads_ckpt_weights_only, unet_rules
 
 CONTROLNET_CONFIG_DIR = SD15_CONFIG_DIR / "controlnet"  # lllyasviel/sd-controlnet-canny's config.json
@@ -42,8 +43,7 @@ def new_controlnet(pipe: StableDiffusionPipeline, seed: int = 0) -> ControlNetMo
     n = int(math.log2(scale)) + 1
     if n > len(COND_EMBEDDING_CHANNELS):
         raise ControlNetLoadError(f"VAE downsamples x{scale}: no ControlNet conditioning embedding for that")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         return ControlNetModel.from_unet(
             pipe.unet, conditioning_embedding_out_channels=COND_EMBEDDING_CHANNELS[:n]
         )
