@@ -9,6 +9,8 @@ PYTEST_ARGS ?=
 # Two pytest workers at one torch thread each: one builds the end-to-end clone (~10 min) while the other runs
 # every other module, then both run end-to-end tests (README, Development): 16 min on a clean clone.
 TEST_WORKERS ?= 2
+# bitsandbytes (8-bit AdamW) only where a CUDA GPU is present: EXTRAS=test,cuda forces it.
+EXTRAS ?= test$(shell nvidia-smi -L >/dev/null 2>&1 && echo ,cuda)
 
 .PHONY: setup repro test lint format params ui
 
@@ -16,7 +18,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(PIP) torch
-	$(PIP) -e '.[test]'
+	$(PIP) -e '.[$(EXTRAS)]'
 	# open_clip only carries the CLIP BPE vocabulary file; its torchvision dependency is not needed.
 	$(PIP) --no-deps open_clip_torch
 	touch $@

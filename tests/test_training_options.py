@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import sys
 import warnings
 from pathlib import Path
 
@@ -121,6 +122,15 @@ def test_adamw8bit_falls_back_on_cpu_with_a_warning(world) -> None:
     with pytest.warns(RuntimeWarning, match="falling back to torch.optim.AdamW"):
         metrics, _, _ = train(world, "opt_8bit", optimizer="adamw8bit")
     assert metrics["steps"] == 10
+
+
+def test_adamw8bit_on_cuda_without_bitsandbytes_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bitsandbytes is the `cuda` extra: a CUDA run without it says how to install it, then trains on."""
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` raises ImportError
+    params = [torch.nn.Parameter(torch.randn(3))]
+    with pytest.warns(RuntimeWarning, match=r"bitsandbytes is not installed: pip install -e '\.\[cuda\]'"):
+        optimizer = make_optimizer(params, TrainConfig(optimizer="adamw8bit"), torch.device("cuda"))
+    assert type(optimizer) is torch.optim.AdamW
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])

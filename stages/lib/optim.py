@@ -25,7 +25,9 @@ def _adamw8bit(
             import bitsandbytes as bnb
 
             return bnb.optim.AdamW8bit(params, **_adam_kwargs(cfg))
-        except (ImportError, RuntimeError) as err:
+        except ImportError:
+            reason = "bitsandbytes is not installed: pip install -e '.[cuda]' (`make setup` does where nvidia-smi works)"
+        except RuntimeError as err:
             reason = f"bitsandbytes failed ({err})"
     else:
         reason = f"8-bit AdamW needs CUDA, this run is on {device.type}"
