@@ -26,7 +26,8 @@ VENV_BIN = Path(sys.executable).parent
 # end-to-end clone pretrains shorter (SHORT_TRAINING) and uses the reference 800 DreamBooth steps: still enough for
 # DreamBooth's effect on the subject, prior preservation's and the ControlNet's to show (on this weak base 2400
 # steps bind the subject no better: subject rate 0.04 against 0.01). Its ControlNet keeps the profile's 1000 steps:
-# 500 steps at 2e-3 gave + LoRA gains of +0.030 / +0.033 in two runs but +0.015 in a clean-clone run.
+# 500 steps at 2e-3 give + LoRA r24 +0.032 at 2 torch threads but +0.018 at the suite's one (every stage is
+# bit-reproducible at a given thread count, not across counts; session 6's spread also had an unseeded LoRA).
 PROFILE_EDITS = (  # (profile text, replacement): each must occur exactly once in conf/profile/tiny.yaml
     ("  max_train_steps: 2400\n  use_ema: true\n", "  max_train_steps: 800\n  use_ema: false\n"),
 )
