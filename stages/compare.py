@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
@@ -84,6 +85,11 @@ def rank_study_prompt(cfg: PipelineConfig, prompts: list[str]) -> str:
     raise StageError(f"compare.rank_study_prompt='{cfg.compare.rank_study_prompt}' is in none of {prompts}")
 
 
+def base_vae(base: Path, device: torch.device) -> AutoencoderKL:
+    """The base model's VAE (it encodes the prepared photos for the latent metrics and the reference row)."""
+    return AutoencoderKL.from_pretrained(base / "vae", local_files_only=True).to(device)
+
+
 def build_suite(cfg: PipelineConfig, index: InferIndex, paths: ComparePaths) -> MetricSuite:
     """Offline metrics always; CLIP / DINO when their folders load; latents when the base VAE is given."""
     references = load_references(paths.prepared)
@@ -97,7 +103,7 @@ def build_suite(cfg: PipelineConfig, index: InferIndex, paths: ComparePaths) -> 
     if paths.base is None:
         suite.skipped["subject_latent_rms"] = "no --base model given (its VAE encodes the prepared photos)"
     else:
-        vae = AutoencoderKL.from_pretrained(paths.base / "vae", local_files_only=True).to(device)
+        vae = base_vae(paths.base, device)
         height, width = int(index.settings["height"]), int(index.settings["width"])
         suite.reference_latents = encode_references(vae, references, height, width)
     return suite
@@ -112,6 +118,19 @@ def world_scores(
     scores = {**subject_scores(with_token, subject), **fidelity_scores(readings)}
     probe = index.class_prompt_images(variant)
     return scores | (class_scores(reader.read(probe), subject) if len(probe) > 1 else {})
+
+
+REFERENCE_ROW = "prepared_photos"  # the subject metrics' ceiling, beside the variants in metrics.json
+
+
+@torch.no_grad()
+def reference_scores(
+    reader: AttributeReader, subject: Reading, vae: AutoencoderKL, latents: torch.Tensor
+) -> dict[str, float]:
+    """``subject_rate`` / ``subject_match`` of the prepared photos themselves, decoded from their VAE latents: the
+    domain generated images come from and the reader is trained on (clean photos read worse: README)."""
+    pixels = vae.decode(latents.to(vae.device, vae.dtype)).sample.float().clamp(-1, 1).cpu()
+    return subject_scores(reader.read(pixels), subject)
 
 
 def load_world_reader(base: Path | None, suite: MetricSuite) -> tuple[AttributeReader, Reading] | None:
@@ -157,6 +176,11 @@ def metrics_sections(
     notes = [f"computed `{m}`: {described[m]}" for m in names]
     notes += [f"skipped `{m}`: {why}" for m, why in suite.skipped.items()]
     notes += [f"variant `{v}` not generated: {why}" for v, why in index.skipped.items()]
+    if REFERENCE_ROW in metrics:
+        notes.append(
+            f"row `{REFERENCE_ROW}`: the prepared photos themselves through the base VAE, read like the variants: "
+            "the ceiling of `subject_rate` / `subject_match`"
+        )
     return [
         Section("Metrics per variant", header=["variant", *names], rows=rows),
         Section("Metrics computed and skipped", notes=notes),
@@ -240,6 +264,9 @@ def run(cfg: PipelineConfig, paths: ComparePaths) -> dict[str, dict[str, float]]
         if world is not None:
             for v in index.variants:
                 metrics[v] |= world_scores(*world, index, v, cfg.data.instance_token)
+            if suite.reference_latents is not None:
+                vae = base_vae(paths.base, resolve_device(cfg.compute))
+                metrics[REFERENCE_ROW] = reference_scores(*world, vae, suite.reference_latents)
         sections = [
             comparison_section(index, columns, paths.reports),
             rank_study_section(cfg, index, paths.reports),

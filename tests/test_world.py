@@ -117,6 +117,27 @@ def test_world_metrics_on_reader_output(reader_and_data, tmp_path) -> None:
     assert load_reader(tmp_path / "missing") is None
 
 
+def test_reference_row_reads_the_photos_through_the_vae(reader_and_data) -> None:
+    """compare's `prepared_photos` row: the subject's photos, decoded from the base VAE's latents, read as the
+    subject; another person's photos, through the same VAE, do not."""
+    from stages.compare import reference_scores
+    from stages.lib.image_metrics import encode_references
+
+    reader, _, _ = reader_and_data
+    vae = tiny_vae(TinyModelConfig())
+    rng = np.random.default_rng(3)
+    subject = [render(WorldImage(SUBJECT_IDENTITY, "plain", "photo", ""), 64, rng) for _ in range(8)]
+    others = [im for im, _ in render_world(13, range(8), 64)]
+    identity = dict(SUBJECT_IDENTITY.__dict__)
+    with torch.no_grad():
+        sub, oth = (
+            reference_scores(reader, identity, vae, encode_references(vae, ims, 64, 64))
+            for ims in (subject, others)
+        )
+    assert set(sub) == {"subject_rate", "subject_match"}
+    assert sub["subject_match"] > oth["subject_match"] + 0.2, (sub, oth)
+
+
 def test_world_metric_arithmetic() -> None:
     a = {
         "skin": "tan",
