@@ -85,13 +85,11 @@ def rank_study_prompt(cfg: PipelineConfig, prompts: list[str]) -> str:
     raise StageError(f"compare.rank_study_prompt='{cfg.compare.rank_study_prompt}' is in none of {prompts}")
 
 
-def base_vae(base: Path, device: torch.device) -> AutoencoderKL:
-    """The base model's VAE (it encodes the prepared photos for the latent metrics and the reference row)."""
-    return AutoencoderKL.from_pretrained(base / "vae", local_files_only=True).to(device)
-
-
-def build_suite(cfg: PipelineConfig, index: InferIndex, paths: ComparePaths) -> MetricSuite:
-    """Offline metrics always; CLIP / DINO when their folders load; latents when the base VAE is given."""
+def build_suite(
+    cfg: PipelineConfig, index: InferIndex, paths: ComparePaths
+) -> tuple[MetricSuite, AutoencoderKL | None]:
+    """Offline metrics always; CLIP / DINO when their folders load; latents when the base VAE is given. Returns the
+    suite and the base VAE it loaded (None without ``--base``), which the reference row decodes with."""
     references = load_references(paths.prepared)
     if not references:
         raise StageError(f"{paths.prepared}: no prepared instance images; run `dvc repro prep` first")
@@ -102,11 +100,11 @@ def build_suite(cfg: PipelineConfig, index: InferIndex, paths: ComparePaths) -> 
     )
     if paths.base is None:
         suite.skipped["subject_latent_rms"] = "no --base model given (its VAE encodes the prepared photos)"
-    else:
-        vae = base_vae(paths.base, device)
-        height, width = int(index.settings["height"]), int(index.settings["width"])
-        suite.reference_latents = encode_references(vae, references, height, width)
-    return suite
+        return suite, None
+    vae = AutoencoderKL.from_pretrained(paths.base / "vae", local_files_only=True).to(device)
+    height, width = int(index.settings["height"]), int(index.settings["width"])
+    suite.reference_latents = encode_references(vae, references, height, width)
+    return suite, vae
 
 
 def world_scores(
@@ -250,7 +248,7 @@ def run(cfg: PipelineConfig, paths: ComparePaths) -> dict[str, dict[str, float]]
     columns = [v for v in ("dreambooth", featured_variant(cfg, index)) if v in index.variants]
     if not columns:
         raise StageError(f"{paths.infer}: infer generated neither dreambooth nor a LoRA variant to compare")
-    suite = build_suite(cfg, index, paths)
+    suite, vae = build_suite(cfg, index, paths)
     params = {
         **to_flat_dict(cfg.compare, "compare."),
         "lora.rank": cfg.lora.rank,
@@ -264,8 +262,7 @@ def run(cfg: PipelineConfig, paths: ComparePaths) -> dict[str, dict[str, float]]
         if world is not None:
             for v in index.variants:
                 metrics[v] |= world_scores(*world, index, v, cfg.data.instance_token)
-            if suite.reference_latents is not None:
-                vae = base_vae(paths.base, resolve_device(cfg.compute))
+            if vae is not None:
                 metrics[REFERENCE_ROW] = reference_scores(*world, vae, suite.reference_latents)
         sections = [
             comparison_section(index, columns, paths.reports),
