@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+from diffusers import StableDiffusionPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -64,12 +65,24 @@ def missing_indices(out_dir: Path, count: int) -> list[int]:
     return [i for i in range(count) if not (out_dir / image_name(i)).exists()]
 
 
-def generate(cfg: PipelineConfig, base_dir: Path, out_dir: Path, indices: list[int], resolution: int) -> None:
-    """Generate ``indices`` in batches of ``sample_batch_size``; one generator per image, seeded by its index."""
-    c = cfg.class_images
+def load_sampler(cfg: PipelineConfig, base_dir: Path) -> StableDiffusionPipeline:
+    """The base pipeline on this process's device (fp16 on CUDA), its progress bar off."""
     device = resolve_device(cfg.compute)
     pipe = load_pipeline(base_dir, torch_dtype=torch.float16 if device.type == "cuda" else None).to(device)
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(cfg: PipelineConfig, base_dir: Path, out_dir: Path, indices: list[int], resolution: int) -> None:
+    """Generate ``indices`` with the base model at ``base_dir``."""
+    write_images(load_sampler(cfg, base_dir), cfg, out_dir, indices, resolution)
+
+
+def write_images(
+    pipe: StableDiffusionPipeline, cfg: PipelineConfig, out_dir: Path, indices: list[int], resolution: int
+) -> None:
+    """Generate ``indices`` in batches of ``sample_batch_size``; one generator per image, seeded by its index."""
+    c = cfg.class_images
     batches = [indices[i : i + c.sample_batch_size] for i in range(0, len(indices), c.sample_batch_size)]
     with tqdm(total=len(indices), desc="class images", unit="img", disable=not is_main_process()) as bar:
         for batch in batches:
