@@ -134,7 +134,7 @@ def test_reference_row_reads_the_photos_through_the_vae(reader_and_data) -> None
             reference_scores(reader, identity, vae, encode_references(vae, ims, 64, 64))
             for ims in (subject, others)
         )
-    assert set(sub) == {"subject_rate", "subject_match"}
+    assert set(sub) == {"subject_rate", "subject_rate_stderr", "subject_match"}
     assert sub["subject_match"] > oth["subject_match"] + 0.2, (sub, oth)
 
 
@@ -147,7 +147,12 @@ def test_world_metric_arithmetic() -> None:
         "glasses": "glasses",
     }
     b = {**a, "glasses": "no glasses"}
-    assert wm.subject_scores([a, b], a) == {"subject_rate": 0.5, "subject_match": 0.9}
+    assert wm.subject_scores([a, b], a) == {
+        "subject_rate": 0.5,
+        "subject_rate_stderr": pytest.approx(0.5 / 2**0.5),
+        "subject_match": 0.9,
+    }
+    assert wm.subject_scores([a] * 4, a)["subject_rate_stderr"] == 0.0
     assert wm.diversity([a, a]) == 0.0 and wm.diversity([a, b]) == pytest.approx(0.2)
     assert wm.class_scores([a, b], a) == {
         "class_diversity": pytest.approx(0.2),
@@ -189,6 +194,7 @@ def test_compare_reads_subject_and_drift_off_infer_outputs(reader_and_data, tmp_
     )
     assert set(db) == {
         "subject_rate",
+        "subject_rate_stderr",
         "subject_match",
         "scene_fidelity",
         "style_fidelity",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from itertools import combinations
 
@@ -11,6 +12,7 @@ Reading = dict[str, str]
 
 DESCRIPTIONS = {
     "subject_rate": "share of images whose identity (skin, hair colour and style, beard, glasses) is the subject's",
+    "subject_rate_stderr": "binomial standard error of subject_rate over its images: smaller differences are noise",
     "subject_match": "mean share of the subject's identity attributes present",
     "scene_fidelity": "share of images showing the scene their prompt names (no scene word: plain)",
     "style_fidelity": "share of images in the style their prompt names (photo, anime, classicist)",
@@ -41,12 +43,15 @@ def identity(reading: Reading) -> tuple[str, ...]:
 
 
 def subject_scores(readings: Sequence[Reading], subject: Reading) -> dict[str, float]:
-    """subject_rate and subject_match of ``readings`` against the subject's identity."""
+    """subject_rate (with its binomial standard error) and subject_match of ``readings`` against the subject's
+    identity."""
     target = identity(subject)
     matches = [sum(a == b for a, b in zip(identity(r), target, strict=True)) for r in readings]
     n = max(len(readings), 1)
+    rate = sum(m == len(target) for m in matches) / n
     return {
-        "subject_rate": sum(m == len(target) for m in matches) / n,
+        "subject_rate": rate,
+        "subject_rate_stderr": math.sqrt(rate * (1 - rate) / n),
         "subject_match": sum(matches) / (n * len(target)),
     }
 
