@@ -77,11 +77,15 @@ def class_image_rate(args: argparse.Namespace, base: Path, out: Path) -> dict[st
     write_images(pipe, cfg, out, mine, res)
     _sync(device)
     seconds = time.perf_counter() - t0
+    (out.parent / f"shard-{rank}.json").write_text(json.dumps(mine))
+    _sync(device)
+    shards = [json.loads((out.parent / f"shard-{r}.json").read_text()) for r in range(processes)]
+    generated = sorted(i for shard in shards for i in shard)
     written = sorted(p.name for p in out.glob("class_*.png"))
-    expected = [image_name(i) for i in range(args.class_images)]
-    if written != expected:
+    if generated != list(range(args.class_images)) or written != [image_name(i) for i in generated]:
         raise RuntimeError(
-            f"{out}: {len(written)} images written, expected exactly {expected[0]}..{expected[-1]}"
+            f"{out}: the processes generated {generated} and wrote {len(written)} files; "
+            f"expected every index below {args.class_images} exactly once"
         )
     del pipe
     gc.collect()
@@ -89,6 +93,7 @@ def class_image_rate(args: argparse.Namespace, base: Path, out: Path) -> dict[st
         torch.cuda.empty_cache()
     return {
         "images": float(args.class_images),
+        "images_per_process": [float(len(shard)) for shard in shards],
         "seconds": seconds,
         "images_per_s": args.class_images / seconds,
     }
@@ -223,10 +228,11 @@ def main() -> None:
         return
     if 1 not in args.processes:
         parser.error("--processes must include 1 (the baseline of the ratios)")
-    args.work = Path(tempfile.mkdtemp(prefix="multi_gpu_"))
-    build_base(args.model, args.work / "base")
-    argv = sys.argv[1:] + ["--worker", "--work", str(args.work), "--device", args.device]
-    runs = {n: launch(args, n, argv) for n in sorted(set(args.processes))}
+    with tempfile.TemporaryDirectory(prefix="multi_gpu_") as work:  # the SD1.5 base alone is ~4 GB
+        args.work = Path(work)
+        build_base(args.model, args.work / "base")
+        argv = sys.argv[1:] + ["--worker", "--work", str(args.work), "--device", args.device]
+        runs = {n: launch(args, n, argv) for n in sorted(set(args.processes))}
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({os.cpu_count()} cores)"
     results = {"model": args.model, "device": device, "torch": torch.__version__, "runs": runs,
                "scaling": scaling(runs)}  # fmt: skip

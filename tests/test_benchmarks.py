@@ -1,0 +1,45 @@
+"""The scaling benchmark (benchmarks/multi_gpu.py) on the tiny default over CPU processes (gloo): it runs the
+stages' class-image sharding and the training loop under `accelerate launch`, checks that every class image is
+written once, and reports each throughput against the single-process run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import PROJECT_ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def test_scaling_benchmark_on_two_cpu_processes(tmp_path: Path) -> None:
+    out = tmp_path / "scaling.json"
+    cmd = [sys.executable, "-m", "benchmarks.multi_gpu", "--model", "tiny", "--processes", "1", "2",
+           "--class-images", "4", "--sample-batch-size", "2", "--sample-steps", "2", "--global-batch", "1", "2",
+           "--steps", "2", "--warmup", "1", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(out.read_text())
+    assert {n: run["processes"] for n, run in results["runs"].items()} == {"1": 1, "2": 2}
+    assert results["runs"]["2"]["class_images"]["images_per_process"] == [2.0, 2.0]  # each index once
+    scaling = results["scaling"]
+    assert set(scaling) == {
+        "class_images",
+        "dreambooth_g1",
+        "dreambooth_g2",
+        "lora_r4_g1",
+        "lora_r4_g2",
+        "dreambooth_b1_per_process",
+        "lora_r4_b1_per_process",
+    }
+    for name, row in scaling.items():
+        assert row["n1_speedup"] == 1.0 and row["n1_rate"] > 0, name
+    for name in ("class_images", "dreambooth_g2", "lora_r4_g2", "dreambooth_b1_per_process"):
+        row = scaling[name]
+        assert row["n2_rate"] > 0 and row["n2_efficiency"] == pytest.approx(row["n2_speedup"] / 2), name
+    assert "dreambooth_g1" in results["runs"]["1"]["training"]
+    assert "dreambooth_g1" not in results["runs"]["2"]["training"]  # a global batch of 1 cannot be split in 2
