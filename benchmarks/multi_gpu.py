@@ -68,9 +68,8 @@ def class_image_rate(args: argparse.Namespace, base: Path, out: Path) -> dict[st
     device = pipe.unet.device
     warm = out / f"warmup-{rank}"
     warm.mkdir(parents=True, exist_ok=True)
-    write_images(
-        pipe, cfg, warm, list(range(args.sample_batch_size)), res
-    )  # kernels, allocator, cuDNN choice
+    # one batch first: kernels, the allocator's pools and cuDNN's choices are not timed
+    write_images(pipe, cfg, warm, list(range(args.sample_batch_size)), res)
     mine = list(range(args.class_images))[rank::processes]
     _sync(device)
     t0 = time.perf_counter()
