@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 PYTEST_ARGS ?=
 # Two pytest workers at one torch thread each: one builds the end-to-end clone (~10 min) while the other runs
-# every other module, then both run end-to-end tests (README, Development): 12.5-14.5 min on a clean clone.
+# every other module, then both run end-to-end tests (README, Development): 12.5-15.5 min on a clean clone.
 TEST_WORKERS ?= 2
 # bitsandbytes (8-bit AdamW) only where a CUDA GPU is present: EXTRAS=test,cuda forces it.
 EXTRAS ?= test$(shell nvidia-smi -L >/dev/null 2>&1 && echo ,cuda)
