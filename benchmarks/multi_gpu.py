@@ -37,7 +37,7 @@ from peft import LoraConfig as PeftLoraConfig
 
 from benchmarks.train_step import RESOLUTION, project_step_fn, sd15_pipeline, timed
 from stages.class_images import image_name, load_sampler, write_images
-from stages.lib.distributed import barrier, is_main_process, launch_command, launched, world
+from stages.lib.distributed import barrier, is_main_process, launch_command, launch_env, launched, world
 from stages.lib.models import load_pipeline, resolve_device
 from stages.lib.schema import ComputeConfig, PipelineConfig, TinyModelConfig, TrackingConfig, TrainConfig
 from stages.lib.tiny_model import build_tiny_pipeline
@@ -53,6 +53,13 @@ def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     barrier()
+
+
+def _release(device: torch.device) -> None:
+    """Free what the last measurement left (models, optimizer states) before the next one."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def class_image_rate(args: argparse.Namespace, base: Path, out: Path) -> dict[str, float]:
@@ -87,9 +94,7 @@ def class_image_rate(args: argparse.Namespace, base: Path, out: Path) -> dict[st
             f"expected every index below {args.class_images} exactly once"
         )
     del pipe
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    _release(device)
     return {
         "images": float(args.class_images),
         "images_per_process": [float(len(shard)) for shard in shards],
@@ -125,9 +130,7 @@ def training_rates(args: argparse.Namespace, base: Path, work: Path) -> dict[str
             _sync(device)
             results[f"{name}_g{global_batch}"] = {**r, "examples_per_s": r["it_per_s"] * global_batch}
             del step
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            _release(device)
 
     pipe.unet.requires_grad_(True)
     measure("dreambooth", dict(pipe.unet.named_parameters()), lr)
@@ -166,11 +169,9 @@ def build_base(model: str, folder: Path) -> None:
 
 def launch(args: argparse.Namespace, processes: int, argv: list[str]) -> dict[str, object]:
     module = "benchmarks.multi_gpu"
-    use_cpu = args.device == "cpu"
-    cmd = [sys.executable, "-m", module, *argv]
-    if processes > 1:
-        cmd = launch_command(ComputeConfig(num_processes=processes, device=args.device), module, argv)
-    env = {**os.environ, **NO_MULTICAST, **({"ACCELERATE_USE_CPU": "true"} if use_cpu else {})}
+    compute = ComputeConfig(num_processes=processes, device=args.device)
+    cmd = launch_command(compute, module, argv) if processes > 1 else [sys.executable, "-m", module, *argv]
+    env = {**launch_env(compute), **NO_MULTICAST}
     t0 = time.perf_counter()
     subprocess.run(cmd, env=env, check=True)
     print(f"[{processes} process(es): {time.perf_counter() - t0:.0f} s with start-up]", flush=True)

@@ -63,8 +63,12 @@ def relaunch(cfg: ComputeConfig, module: str, argv: Sequence[str]) -> int | None
     """
     if cfg.num_processes <= 1 or launched():
         return None
+    return subprocess.call(launch_command(cfg, module, argv), env=launch_env(cfg))
+
+
+def launch_env(cfg: ComputeConfig) -> dict[str, str]:
+    """This process's environment for ``accelerate launch``; on CPU it asks for gloo (``ACCELERATE_USE_CPU``)."""
     import torch
 
     use_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true"} if use_cpu else dict(os.environ)
-    return subprocess.call(launch_command(cfg, module, argv), env=env)
+    return {**os.environ, "ACCELERATE_USE_CPU": "true"} if use_cpu else dict(os.environ)
