@@ -3,6 +3,9 @@
 Resumable: each image is written atomically under a name fixed by its index and seeded by it alone, so a killed
 run keeps what it wrote, a rerun generates only the missing indices, and the result does not depend on batching.
 A fingerprint of what produced the images (base model, prompt, sampling settings) invalidates them when it changes.
+dvc.yaml makes them in a work folder (``--work checkpoints/class_images``, kept between runs like the trainings'
+checkpoints) and copies them to the output at the end: the output is then an ordinary DVC output, restored from
+DVC's run-cache in every experiment's workspace instead of rerunning the stage (a ``persist`` output would not be).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -24,6 +28,7 @@ from stages.lib.config import to_flat_dict
 from stages.lib.distributed import barrier, is_main_process, world
 from stages.lib.images import make_grid, save_image
 from stages.lib.models import load_pipeline, resolve_device
+from stages.lib.outputs import atomic_dir
 from stages.lib.schema import PipelineConfig
 from stages.lib.tracking import stage_run
 
@@ -101,8 +106,20 @@ def write_images(
             bar.update(len(batch))
 
 
-def run(cfg: PipelineConfig, base_dir: Path, out_dir: Path, reports_dir: Path) -> dict[str, float]:
-    """Make ``out_dir`` hold exactly ``num_class_images`` valid class images."""
+def publish(work_dir: Path, out_dir: Path) -> None:
+    """Replace ``out_dir`` with a copy of the images (and fingerprint) in ``work_dir``, atomically."""
+    with atomic_dir(out_dir) as tmp:
+        for f in sorted(work_dir.iterdir()):
+            if f.name == FINGERPRINT_FILE or (f.name.startswith("class_") and f.suffix == ".png"):
+                shutil.copy2(f, tmp / f.name)
+
+
+def run(
+    cfg: PipelineConfig, base_dir: Path, out_dir: Path, reports_dir: Path, work_dir: Path | None = None
+) -> dict[str, float]:
+    """Make ``out_dir`` hold exactly ``num_class_images`` valid class images: made in ``work_dir`` and copied to
+    ``out_dir`` when given (what is made survives a killed run there), else made in ``out_dir`` itself."""
+    folder = work_dir or out_dir
     c, resolution = cfg.class_images, cfg.dreambooth.resolution
     key = fingerprint(
         cfg.data.class_prompt,
@@ -120,15 +137,17 @@ def run(cfg: PipelineConfig, base_dir: Path, out_dir: Path, reports_dir: Path) -
     with stage_run("class_images", cfg.tracking, params, reports_dir) as tracker:
         start = time.perf_counter()
         if is_main_process():  # only the main process deletes stale files
-            sync_folder(out_dir, key, c.num_class_images, resolution)
+            sync_folder(folder, key, c.num_class_images, resolution)
         barrier()
-        missing = missing_indices(out_dir, c.num_class_images)
+        missing = missing_indices(folder, c.num_class_images)
         rank, processes = world()
         if missing[rank::processes]:  # index-seeded images: sharding changes nothing but the speed
-            generate(cfg, base_dir, out_dir, missing[rank::processes], resolution)
+            generate(cfg, base_dir, folder, missing[rank::processes], resolution)
         barrier()
         seconds = time.perf_counter() - start
         if is_main_process():
+            if work_dir is not None:
+                publish(work_dir, out_dir)
             sample = [Image.open(out_dir / image_name(i)) for i in range(min(16, c.num_class_images))]
             grid = make_grid(sample, columns=8)
             save_image(grid, reports_dir / "sample_grid.png")
@@ -149,13 +168,16 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", type=Path, default=Path("models/base"))
     parser.add_argument("--out", type=Path, default=Path("data/class_images"))
     parser.add_argument("--reports", type=Path, default=Path("reports/class_images"))
+    parser.add_argument(
+        "--work", type=Path, default=None, help="make (and keep) the images here, then copy them to --out"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     return stage_main(
         __doc__ or "",
         _add_arguments,
-        lambda cfg, a: run(cfg, a.base, a.out, a.reports),
+        lambda cfg, a: run(cfg, a.base, a.out, a.reports, a.work),
         argv,
         launch_module="stages.class_images",
     )

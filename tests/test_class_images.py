@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,21 @@ def test_rerun_generates_only_missing_or_broken_images(tiny_cfg, base_dir, tmp_p
     assert metrics["num_generated"] == 2 and metrics["num_reused"] == 3
     assert _bytes(out) == original
     assert not list(out.glob(".*tmp*"))
+
+
+def test_work_folder_survives_dvc_removing_the_output(tiny_cfg, base_dir, tmp_path) -> None:
+    """As dvc.yaml runs it: made in the work folder, copied to the output; DVC removes the output before a rerun
+    and the work folder still holds every image, so nothing is generated again."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    first = class_images.run(tiny_cfg, base_dir, out, tmp_path / "r", work)
+    assert first["num_generated"] == 5 and _bytes(out) == _bytes(work) and len(_bytes(out)) == 5
+    assert (out / class_images.FINGERPRINT_FILE).is_file()
+    images = _bytes(out)
+    shutil.rmtree(out)  # what `dvc repro` does to a non-persist output
+    (work / class_images.image_name(2)).unlink()  # and a killed run's missing image
+    again = class_images.run(tiny_cfg, base_dir, out, tmp_path / "r", work)
+    assert again["num_generated"] == 1 and again["num_reused"] == 4
+    assert _bytes(out) == images and not list(tmp_path.glob(".out.*"))
 
 
 def test_more_images_extend_and_fewer_trim(tiny_cfg, base_dir, tmp_path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -60,9 +61,9 @@ def test_launch_command_uses_accelerate_with_the_configured_processes() -> None:
 
 
 def test_two_processes_make_the_same_class_images(world: TinyWorld, tmp_path: Path) -> None:
-    out, reports = tmp_path / "class2", tmp_path / "r2"
+    out, reports, work = tmp_path / "class2", tmp_path / "r2", tmp_path / "work2"  # work: as in dvc.yaml
     _stage("stages.class_images", _params(world.cfg, tmp_path / "p.yaml", 2), "--base", str(world.base_dir),
-           "--out", str(out), "--reports", str(reports))  # fmt: skip
+           "--out", str(out), "--reports", str(reports), "--work", str(work))  # fmt: skip
     metrics = json.loads((reports / "metrics.json").read_text())
     assert (
         metrics["num_processes"] == 2 and metrics["num_generated"] == world.cfg.class_images.num_class_images
@@ -73,10 +74,12 @@ def test_two_processes_make_the_same_class_images(world: TinyWorld, tmp_path: Pa
         a = np.asarray(Image.open(out / name), dtype=np.int16)
         b = np.asarray(Image.open(world.class_dir / name), dtype=np.int16)
         assert np.abs(a - b).max() <= 1, name
-    # resumable as before: a rerun with two processes generates nothing
+    # resumable as before: after DVC removes the output, a rerun with two processes generates nothing
+    shutil.rmtree(out)
     _stage("stages.class_images", tmp_path / "p.yaml", "--base", str(world.base_dir), "--out", str(out),
-           "--reports", str(reports))  # fmt: skip
+           "--reports", str(reports), "--work", str(work))  # fmt: skip
     assert json.loads((reports / "metrics.json").read_text())["num_generated"] == 0
+    assert sorted(p.name for p in out.glob("class_*.png")) == names
 
 
 def test_two_processes_train_like_one_with_the_same_global_batch(world: TinyWorld, tmp_path: Path) -> None:

@@ -37,8 +37,9 @@ def _experiments(node: object) -> Iterator[dict]:
 
 def test_queued_rank_sweep_lists_params_and_compare_metrics(repo: Path) -> None:
     """Two queued experiments (ranks 4 and 8; the workspace has the default 24), run by `dvc queue start`:
-    `dvc exp show` lists each with its params and compare metrics, and each has its MLflow compare run tagged with
-    its experiment name."""
+    `dvc exp show` lists each with its params and compare metrics, each ran only the stages the rank changes
+    (class images included: an ordinary output, restored from the run-cache), and each has its MLflow compare run
+    tagged with its experiment name."""
     sh(repo, "dvc", "exp", "run", "--queue", "-S", "lora.rank=4,8")
     sh(repo, "dvc", "queue", "start")
     deadline = time.time() + 900
@@ -61,6 +62,14 @@ def test_queued_rank_sweep_lists_params_and_compare_metrics(repo: Path) -> None:
     for rank in (4, 8, 24):
         name, metrics = by_rank[rank]
         assert f"lora_r{rank}" in metrics and "dreambooth" in metrics, (rank, metrics.keys())
+    for rank in (
+        4,
+        8,
+    ):  # each experiment reruns only what the rank changes; the rest comes from the run-cache
+        ran = set(
+            re.findall(r"Running stage '([^']+)'", sh(repo, "dvc", "queue", "logs", by_rank[rank][0]).stdout)
+        )
+        assert "compare" in ran and not ran & {"base", "class_images", "dreambooth", "infer"}, (rank, ran)
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("sd-personalise")
     tagged = {
