@@ -7,7 +7,8 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 PYTEST_ARGS ?=
 # Two pytest workers at one torch thread each: one builds the end-to-end clone (~10 min) while the other runs
-# every other module, then both run end-to-end tests (README, Development): 12.5-15.5 min on a clean clone.
+# every other module, then both run end-to-end tests (README, Development): 13-15.5 min on a clean clone. Lint
+# first (seconds); the slowest tests are listed at the end, for the suite's time budget.
 TEST_WORKERS ?= 2
 # bitsandbytes (8-bit AdamW) only where a CUDA GPU is present: EXTRAS=test,cuda forces it.
 EXTRAS ?= test$(shell nvidia-smi -L >/dev/null 2>&1 && echo ,cuda)
@@ -28,8 +29,8 @@ setup: $(VENV)/.installed
 repro: setup
 	dvc repro
 
-test: setup
-	pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+test: lint
+	pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 $(PYTEST_ARGS)
 
 lint: setup
 	ruff check . && ruff format --check .
