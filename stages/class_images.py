@@ -106,12 +106,11 @@ def write_images(
             bar.update(len(batch))
 
 
-def publish(work_dir: Path, out_dir: Path) -> None:
-    """Replace ``out_dir`` with a copy of the images (and fingerprint) in ``work_dir``, atomically."""
+def publish(work_dir: Path, out_dir: Path, count: int) -> None:
+    """Replace ``out_dir`` with a copy of the fingerprint and the ``count`` images in ``work_dir``, atomically."""
     with atomic_dir(out_dir) as tmp:
-        for f in sorted(work_dir.iterdir()):
-            if f.name == FINGERPRINT_FILE or (f.name.startswith("class_") and f.suffix == ".png"):
-                shutil.copy2(f, tmp / f.name)
+        for name in [FINGERPRINT_FILE, *(image_name(i) for i in range(count))]:
+            shutil.copy2(work_dir / name, tmp / name)
 
 
 def run(
@@ -147,7 +146,7 @@ def run(
         seconds = time.perf_counter() - start
         if is_main_process():
             if work_dir is not None:
-                publish(work_dir, out_dir)
+                publish(work_dir, out_dir, c.num_class_images)
             sample = [Image.open(out_dir / image_name(i)) for i in range(min(16, c.num_class_images))]
             grid = make_grid(sample, columns=8)
             save_image(grid, reports_dir / "sample_grid.png")

@@ -51,9 +51,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> TinyWorld:
     w.cfg.infer.num_inference_steps = 10
     train = w.cfg.controlnet.train  # the tiny profile's, made as quick as the other training tests
     train.max_train_steps, train.validation_steps, train.checkpointing_steps = CN_STEPS, CN_STEPS, 10
-    train.with_prior_preservation = (
-        True  # as on real weights (from dreambooth); the tiny profile trains without
-    )
+    # class pairs as on real weights (interpolated from dreambooth); the tiny profile trains without them
+    train.with_prior_preservation = True
     train.num_validation_images, train.validation_inference_steps, train.optimizer = 1, 2, "adamw"
     db = w.root / "models" / "dreambooth"
     dreambooth.run(w.cfg, w.base_dir, db, w.paths("dreambooth"))

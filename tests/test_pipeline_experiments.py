@@ -62,13 +62,10 @@ def test_queued_rank_sweep_lists_params_and_compare_metrics(repo: Path) -> None:
     for rank in (4, 8, 24):
         name, metrics = by_rank[rank]
         assert f"lora_r{rank}" in metrics and "dreambooth" in metrics, (rank, metrics.keys())
-    for rank in (
-        4,
-        8,
-    ):  # each experiment reruns only what the rank changes; the rest comes from the run-cache
-        ran = set(
-            re.findall(r"Running stage '([^']+)'", sh(repo, "dvc", "queue", "logs", by_rank[rank][0]).stdout)
-        )
+    # each experiment reruns only what the rank changes; the rest comes from the run-cache
+    for rank in (4, 8):
+        logs = sh(repo, "dvc", "queue", "logs", by_rank[rank][0]).stdout
+        ran = set(re.findall(r"Running stage '([^']+)'", logs))
         assert "compare" in ran and not ran & {"base", "class_images", "dreambooth", "infer"}, (rank, ran)
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("sd-personalise")
