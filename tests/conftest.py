@@ -28,14 +28,22 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(1)
 
 
-E2E_FIRST, E2E_LAST = "test_pipeline_e2e.py", "test_pipeline_experiments.py"
+# modules in this order, every other module between the first and the second
+MODULE_ORDER = ("test_pipeline_e2e.py", "", "test_pipeline_prior.py", "test_pipeline_experiments.py")
+
+
+def _module_rank(item: pytest.Item) -> int:
+    name = item.path.name
+    return MODULE_ORDER.index(name) if name in MODULE_ORDER else 1
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The end-to-end module first and the experiments module last (each in its own order): under
-    `pytest -n 2 --dist loadfile` one worker builds the end-to-end clone from the start while the other runs
-    every other module, then takes the experiments module, whose tests use a copy of the same build."""
-    items.sort(key=lambda item: 0 if E2E_FIRST in item.nodeid else 2 if E2E_LAST in item.nodeid else 1)
+    """The end-to-end module first, then every other module, then the prior-preservation and the experiments
+    modules (each in its own order): under `pytest -n 2 --dist loadfile` one worker builds the end-to-end clone
+    from the start while the other runs every other module, then the prior-preservation test, which needs the
+    build only up to DreamBooth, beside the rest of the build; the experiments module uses a copy of the whole
+    build."""
+    items.sort(key=_module_rank)
 
 
 @pytest.fixture(scope="session")
@@ -44,6 +52,22 @@ def e2e_clones(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     from .e2e_repo import shared_clone
 
     return shared_clone(tmp_path_factory, 0), shared_clone(tmp_path_factory, 1)
+
+
+@pytest.fixture(scope="session")
+def e2e_clone_up_to_dreambooth(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first end-to-end clone once its build has written the DreamBooth model (the build may go on); read
+    it only up to there."""
+    from .e2e_repo import shared_clone
+
+    return shared_clone(tmp_path_factory, 0, up_to_dreambooth=True)
+
+
+@pytest.fixture(autouse=True)
+def _tracking_outside_the_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stage run without ``tracking.uri`` logs to ``<DVC_ROOT or cwd>/mlflow.db``: every test's goes to its own
+    folder, never to the project's store."""
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
 
 
 @pytest.fixture
