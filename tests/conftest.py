@@ -28,13 +28,15 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(1)
 
 
-# modules in this order, every other module between the first and the second
-MODULE_ORDER = ("test_pipeline_e2e.py", "", "test_pipeline_prior.py", "test_pipeline_experiments.py")
+FIRST_MODULE = "test_pipeline_e2e.py"  # then every other module, then these in this order:
+LAST_MODULES = ("test_pipeline_prior.py", "test_pipeline_experiments.py")
 
 
 def _module_rank(item: pytest.Item) -> int:
     name = item.path.name
-    return MODULE_ORDER.index(name) if name in MODULE_ORDER else 1
+    if name == FIRST_MODULE:
+        return 0
+    return 2 + LAST_MODULES.index(name) if name in LAST_MODULES else 1
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
