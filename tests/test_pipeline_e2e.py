@@ -1,6 +1,6 @@
 """End to end: a copy of the project in a fresh git repo runs `dvc repro` on the tiny default, offline
 (tests/e2e_repo.py builds it); what the run wrote, MLflow and its UI, a `dvc exp` rank switch. Prior preservation's
-effect is in test_pipeline_prior.py, the queued sweep in test_pipeline_experiments.py (on a second copy of the same
+effect is in test_pipeline_prior.py, a queued experiment in test_pipeline_experiments.py (on a second copy of the same
 build)."""
 
 from __future__ import annotations
