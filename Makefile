@@ -6,8 +6,8 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 PYTEST_ARGS ?=
-# Two pytest workers at one torch thread each: one builds the end-to-end clone (~8.5 min) while the other runs
-# every other module, then both run end-to-end tests (README, Development): ~10.5 min on a clean clone. Lint
+# Two pytest workers at one torch thread each: one builds the end-to-end clone (6.5-8.5 min) while the other runs
+# every other module, then both run end-to-end tests (README, Development): 8.5-11 min on a clean clone. Lint
 # first (seconds); the slowest tests are listed at the end, for the suite's time budget.
 TEST_WORKERS ?= 2
 # bitsandbytes (8-bit AdamW) only where a CUDA GPU is present: EXTRAS=test,cuda forces it.
