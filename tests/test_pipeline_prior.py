@@ -10,7 +10,7 @@ import pytest
 
 from stages import dreambooth
 from stages.compose import compose
-from stages.lib.attribute_reader import load_reader
+from stages.lib.attribute_reader import AttributeReader, load_reader
 from stages.lib.config import load_config
 from stages.lib.finetune import FinetunePaths
 from stages.lib.inference import generate, sampling_kwargs
@@ -24,13 +24,14 @@ PRIOR_DIVERSITY_GAIN = 0.1  # class_diversity kept by prior preservation (measur
 PRIOR_DRIFT = 0.15  # class_subject_match gained without it (measured 0.22)
 
 
-def _class_prompt_scores(cfg: PipelineConfig, repo: Path, model_dir: Path) -> dict[str, float]:
+def _class_prompt_scores(
+    cfg: PipelineConfig, reader: AttributeReader, subject: dict, model_dir: Path
+) -> dict:
     """The class prompt's diversity and drift (world_metrics.class_scores), read by the base's attribute reader."""
     sampling = {**sampling_kwargs(cfg.infer), "num_images_per_prompt": CLASS_PROMPT_IMAGES}
     prompt = cfg.data.class_prompt
     images = generate(load_pipeline(model_dir), [prompt], **sampling).images[prompt]
-    reader, info = load_reader(repo / "models/base/attribute_reader")
-    return class_scores(reader.read(images), info["subject"])
+    return class_scores(reader.read(images), subject)
 
 
 def test_prior_preservation_keeps_the_class_prompt_varied(
@@ -49,8 +50,9 @@ def test_prior_preservation_keeps_the_class_prompt_varied(
         repo / "data/prepared", repo / "data/class_images", tmp_path / "ck", tmp_path / "rep"
     )
     dreambooth.run(cfg, repo / "models/base", tmp_path / "db", paths)
-    with_prior = _class_prompt_scores(cfg, repo, repo / "models/dreambooth")
-    without = _class_prompt_scores(cfg, repo, tmp_path / "db")
+    reader, info = load_reader(repo / "models/base/attribute_reader")
+    with_prior = _class_prompt_scores(cfg, reader, info["subject"], repo / "models/dreambooth")
+    without = _class_prompt_scores(cfg, reader, info["subject"], tmp_path / "db")
     kept = with_prior["class_diversity"] - without["class_diversity"]
     assert kept > PRIOR_DIVERSITY_GAIN, (with_prior, without)
     drift = without["class_subject_match"] - with_prior["class_subject_match"]
