@@ -11,9 +11,11 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from safetensors.torch import load_file
 from transformers import CLIPTextModel
 
+from stages import __main__ as stages_main
 from stages import base
 from stages.lib.models import ModelLoadError, load_base_source, load_pipeline
 from stages.lib.schema import ModelConfig, PipelineConfig
+from stages.lib.tracking_sidecar import take_prestarted
 
 UNET = "unet/diffusion_pytorch_model.safetensors"
 
@@ -99,6 +101,20 @@ def test_stage_cli_prints_one_line_error(tiny_params: Path, tmp_path: Path, caps
     )
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "/nope" in errors[0], errors
+    # the same through dvc.yaml's `python -m stages base`, whose prestarted MLflow sidecar is closed, unused
+    argv = [
+        "base",
+        "--params",
+        str(tiny_params),
+        "--out",
+        str(tmp_path / "o"),
+        "--reports",
+        str(tmp_path / "r"),
+    ]
+    assert stages_main.main(argv) == 2 and take_prestarted() is None
+    assert "/nope" in capsys.readouterr().err
+    assert stages_main.main(["nope"]) == 2
+    assert "takes one of base, prep, class_images" in capsys.readouterr().err
 
 
 def test_tiny_default_never_loads_in_half_precision(tiny_cfg: PipelineConfig, tmp_path: Path) -> None:

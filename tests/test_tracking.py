@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,18 +13,27 @@ from PIL import Image
 
 from stages.lib.schema import TrackingConfig
 from stages.lib.tracking import stage_run, tracking_uri
+from stages.lib.tracking_sidecar import SidecarRun
+
+from .conftest import PROJECT_ROOT
+
+IN_PLACE_AND_SIDECAR = pytest.mark.parametrize("background", [False, True], ids=["in_place", "sidecar"])
 
 
-def test_run_logs_params_metrics_image_and_tags(tmp_path: Path, monkeypatch) -> None:
+@IN_PLACE_AND_SIDECAR
+def test_run_logs_params_metrics_image_and_tags(tmp_path: Path, monkeypatch, background: bool) -> None:
     monkeypatch.setenv("DVC_EXP_NAME", "exp-abc")
     cfg = TrackingConfig(uri=f"sqlite:///{tmp_path / 'm.db'}", experiment_name="t")
-    with stage_run("demo", cfg, {"a.b": 1, "lr": 2e-6}, tmp_path / "reports") as tracker:
+    params = {"a.b": 1, "lr": 2e-6}
+    with stage_run("demo", cfg, params, tmp_path / "reports", background=background) as tracker:
         tracker.log_metrics({"loss": 1.0}, step=1)
         tracker.log_metrics({"loss": 0.5}, step=2)
         tracker.log_image(Image.new("RGB", (8, 8), "red"), "grids/x.png")
         tracker.set_final_metrics({"score": 0.75, "skipped": float("nan")})
+        params["lr"] = 1.0  # changed after the call: the run keeps what was logged
     client = MlflowClient(cfg.uri)
     (run,) = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+    assert tracker.run_id == run.info.run_id and run.info.status == "FINISHED"
     assert run.data.tags["stage"] == "demo" and run.data.tags["dvc_exp_name"] == "exp-abc"
     assert run.data.tags["git_commit"] and run.info.run_name == "demo [exp-abc]"
     assert run.data.params == {"a.b": "1", "lr": "2e-06"}
@@ -32,10 +43,11 @@ def test_run_logs_params_metrics_image_and_tags(tmp_path: Path, monkeypatch) -> 
     assert json.loads((tmp_path / "reports" / "metrics.json").read_text())["score"] == 0.75
 
 
-def test_broken_tracking_warns_and_still_writes_metrics(tmp_path: Path) -> None:
+@IN_PLACE_AND_SIDECAR
+def test_broken_tracking_warns_and_still_writes_metrics(tmp_path: Path, background: bool) -> None:
     cfg = TrackingConfig(uri="unknownscheme://nowhere", experiment_name="t")
     with pytest.warns(RuntimeWarning, match="MLflow tracking failed"):
-        with stage_run("demo", cfg, {"x": 1}, tmp_path / "reports") as tracker:
+        with stage_run("demo", cfg, {"x": 1}, tmp_path / "reports", background=background) as tracker:
             tracker.log_image(Image.new("RGB", (4, 4)), "g.png")
             tracker.set_final_metrics({"score": 1.0})
             (tmp_path / "output.txt").write_text("real output")
@@ -43,10 +55,11 @@ def test_broken_tracking_warns_and_still_writes_metrics(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "reports" / "metrics.json").read_text()) == {"score": 1.0}
 
 
-def test_failed_stage_marks_run_failed_and_keeps_its_step_metrics(tmp_path: Path) -> None:
+@IN_PLACE_AND_SIDECAR
+def test_failed_stage_marks_run_failed_and_keeps_its_step_metrics(tmp_path: Path, background: bool) -> None:
     cfg = TrackingConfig(uri=f"sqlite:///{tmp_path / 'm.db'}", experiment_name="t")
     with pytest.raises(ValueError, match="boom"):
-        with stage_run("demo", cfg, {}, tmp_path / "reports") as tracker:
+        with stage_run("demo", cfg, {}, tmp_path / "reports", background=background) as tracker:
             tracker.log_metrics({"loss": 0.3}, step=7)  # still buffered when the stage fails
             raise ValueError("boom")
     client = MlflowClient(cfg.uri)
@@ -90,3 +103,42 @@ def test_nested_final_metrics_keep_nesting_in_file_and_flatten_in_mlflow(tmp_pat
     client = MlflowClient(cfg.uri)
     (run,) = client.search_runs([client.get_experiment_by_name("t").experiment_id])
     assert run.data.metrics == {"dreambooth.score": 0.5, "base.score": 0.1}
+
+
+def test_sidecar_ends_the_run_as_killed_when_the_stage_process_vanishes(tmp_path: Path) -> None:
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path / 'm.db'}", experiment_name="t")
+    sidecar = SidecarRun().bind("demo", cfg)
+    sidecar.start({"x": 1})
+    sidecar.log_metrics([("loss", 0.5, 0, 3)])
+    sidecar.close()  # the pipe closes without an `end` call, as when the stage is killed
+    assert sidecar._proc.wait(timeout=60) == 0
+    sidecar._proc.stdout.close()
+    client = MlflowClient(cfg.uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+    assert run.info.status == "KILLED" and run.data.metrics == {"loss": 0.5}
+
+
+def test_stage_process_never_imports_mlflow_with_the_sidecar(tmp_path: Path) -> None:
+    """The point of the sidecar: a stage's own process logs a complete run without importing MLflow."""
+    script = f"""
+import sys
+from PIL import Image
+from stages.lib.schema import TrackingConfig
+from stages.lib.tracking import stage_run
+cfg = TrackingConfig(uri="sqlite:///{tmp_path / "m.db"}", experiment_name="t")
+with stage_run("demo", cfg, {{"x": 1}}, "{tmp_path / "reports"}") as tracker:
+    tracker.log_metrics({{"loss": 0.25}}, step=1)
+    tracker.log_image(Image.new("RGB", (4, 4), "blue"), "g.png")
+    tracker.set_final_metrics({{"score": 2.0}})
+assert tracker.background and tracker.run_id and not tracker.errors
+print("mlflow imported:", "mlflow" in sys.modules)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert "mlflow imported: False" in out.stdout
+    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.metrics == {"loss": 0.25, "score": 2.0}
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["g.png"]

@@ -11,6 +11,7 @@ from stages.lib.config import ConfigError, load_config
 from stages.lib.distributed import relaunch
 from stages.lib.errors import StageError
 from stages.lib.schema import ComputeConfig, PipelineConfig
+from stages.lib.tracking_sidecar import discard_prestarted
 
 
 def configure_threads(cfg: ComputeConfig) -> None:
@@ -50,4 +51,6 @@ def stage_main(
     except (ConfigError, StageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        discard_prestarted()
     return 0

@@ -259,6 +259,7 @@ class TrackingConfig:
     enabled: bool = True
     uri: str = ""
     experiment_name: str = "sd-personalise"
+    background: bool = True  # log from a child process: the stage does not wait for MLflow's import
 
 
 @dataclass
