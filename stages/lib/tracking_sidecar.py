@@ -1,8 +1,9 @@
 """A stage's MLflow run in a child process, so that the stage never waits for MLflow.
 
 Importing MLflow and opening its SQLite store takes 2-3.5 s of Python per stage process (README, Cost). The
-sidecar pays it in a child started when the stage's run starts -- on the core the stage's own imports leave idle --
-and takes the run's calls over a pipe in order. ``end`` waits until the child has written everything and ended the
+sidecar pays it in a child that ``python -m stages <stage>`` starts before the stage's own imports (:func:`prestart`),
+on the core those imports leave idle, and takes the run's calls over a pipe in order (a stage started otherwise
+starts its child with its run, without the overlap). ``end`` waits until the child has written everything and ended the
 run, so a stage (and ``dvc repro``) still finishes with its MLflow run complete. If the stage process dies, the
 child reads the end of the pipe and ends the run as KILLED.
 
@@ -22,7 +23,7 @@ import sys
 import threading
 from typing import Any, BinaryIO
 
-from stages.lib.mlflow_run import MlflowRun, RunResult
+from stages.lib.mlflow_run import MetricRow, MlflowRun, RunResult
 from stages.lib.schema import TrackingConfig
 
 
@@ -53,7 +54,7 @@ class SidecarRun:
     def start(self, params: dict[str, Any]) -> None:
         self._call("start", params)
 
-    def log_metrics(self, rows: list[tuple[str, float, int, int]]) -> None:
+    def log_metrics(self, rows: list[MetricRow]) -> None:
         self._call("log_metrics", rows)
 
     def log_image(self, image: Any, artifact_file: str) -> None:
@@ -138,9 +139,8 @@ def main() -> None:
     # Ctrl-C reaches the whole process group: the stage ends the run (FAILED); the child must live to write it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     results = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
-    os.dup2(
-        sys.stderr.fileno(), sys.stdout.fileno()
-    )  # anything MLflow prints goes to stderr, not into the result
+    # anything MLflow prints goes to stderr, not into the result
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # What a run's start needs, imported while the stage imports torch: MLflow and its SQLite store's module.
     import mlflow  # noqa: F401
