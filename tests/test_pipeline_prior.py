@@ -1,13 +1,16 @@
-"""End to end, prior preservation: DreamBooth trained again without it on the end-to-end clone's inputs. It needs
-the clone only up to `dreambooth` (conftest's ``e2e_clone_up_to_dreambooth``), so under `pytest -n 2` it runs on
-the second worker beside the rest of the build instead of after it."""
+"""End to end, up to DreamBooth: prior preservation (DreamBooth trained again without it on the end-to-end clone's
+inputs) and the LoRA rank-sweep benchmark on the clone's DreamBooth model. They need the clone only up to
+`dreambooth` (conftest's ``e2e_clone_up_to_dreambooth``), so under `pytest -n 2` they run on the second worker
+beside the rest of the build instead of after it."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
+from benchmarks import lora_rank_sweep
 from stages import dreambooth
 from stages.compose import compose
 from stages.lib.attribute_reader import AttributeReader, load_reader
@@ -57,3 +60,28 @@ def test_prior_preservation_keeps_the_class_prompt_varied(
     assert kept > PRIOR_DIVERSITY_GAIN, (with_prior, without)
     drift = without["class_subject_match"] - with_prior["class_subject_match"]
     assert drift > PRIOR_DRIFT, (with_prior, without)
+
+
+def test_lora_rank_sweep_benchmark_scores_each_adapter(
+    e2e_clone_up_to_dreambooth: Path, tmp_path: Path
+) -> None:
+    """benchmarks/lora_rank_sweep.py trains one adapter per rank with the lora stage's code on the clone's
+    DreamBooth model and scores it with compare's metrics, beside the DreamBooth model itself."""
+    repo = e2e_clone_up_to_dreambooth
+    params = compose(tmp_path / "params.yaml", [], root=repo)
+    out = tmp_path / "sweep.json"
+    args = ["--params", str(params), "--base", str(repo / "models/base"),
+            "--dreambooth", str(repo / "models/dreambooth"), "--prepared", str(repo / "data/prepared"),
+            "--class-images", str(repo / "data/class_images"), "--ranks", "4", "24", "--lrs", "1e-2",
+            "--steps", "3", "--images-per-prompt", "1", "--class-images-per-variant", "2", "--out", str(out)]  # fmt: skip
+    assert lora_rank_sweep.main(args) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["variant"], r["rank"], r["steps"]) for r in rows] == [
+        ("dreambooth", 0, 0),
+        ("lr1e-02_s3_r4", 4, 3),
+        ("lr1e-02_s3_r24", 24, 3),
+    ]
+    assert rows[2]["lora_params"] == 6 * rows[1]["lora_params"] > 0  # the same projections, 6x the rank
+    for row in rows:
+        assert 0 <= row["subject_rate"] <= 1 and 0 <= row["style_fidelity"] <= 1, row
+        assert 0 <= row["class_diversity"] <= 1, row  # 2 class-prompt images: one pair

@@ -1,0 +1,143 @@
+"""LoRA rank sweep on the miniature world: subject rate, prompt fidelity and class drift per (learning rate, steps,
+rank), read off many more images than `dvc repro`'s compare report makes, with the DreamBooth model they are
+trained on measured in the same run as the baseline.
+
+Each adapter is trained by the `lora` stage's own code (``stages.lora.run``, MLflow off) on the outputs of an
+earlier `dvc repro` (base, DreamBooth, prepared photos, class images) and sampled by `infer`'s code; the numbers are
+`compare`'s (``stages.compare.world_scores``). Differences below about two ``subject_rate_stderr`` are noise.
+
+    python benchmarks/lora_rank_sweep.py --lrs 1e-3 1e-2 --steps 100 300 --images-per-prompt 40 --out sweep.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from stages import lora as lora_stage
+from stages.compare import world_scores
+from stages.infer import Variant, generate_variants
+from stages.lib.attribute_reader import READER_DIR, load_reader
+from stages.lib.config import load_config
+from stages.lib.finetune import FinetunePaths
+from stages.lib.inference import InferIndex
+from stages.lib.schema import PipelineConfig
+
+COLUMNS = (
+    "subject_rate",
+    "subject_rate_stderr",
+    "subject_match",
+    "scene_fidelity",
+    "style_fidelity",
+    "class_diversity",
+    "class_subject_rate",
+)
+
+
+def sweep_config(
+    cfg: PipelineConfig, rank: int, lr: float, steps: int, args: argparse.Namespace
+) -> PipelineConfig:
+    """The pipeline config with one rank trained at ``lr`` for ``steps``, MLflow off, and the sweep's image counts."""
+    train = replace(cfg.lora.train, learning_rate=lr, max_train_steps=steps, validation_steps=steps + 1)
+    return replace(
+        cfg,
+        lora=replace(cfg.lora, ranks=[rank], rank=rank, train=train),
+        infer=replace(
+            cfg.infer,
+            num_images_per_prompt=args.images_per_prompt,
+            class_prompt_images=args.class_images_per_variant,
+        ),
+        tracking=replace(cfg.tracking, enabled=False),
+    )
+
+
+def score(cfg: PipelineConfig, variant: Variant, work: Path, reader, subject) -> dict[str, float]:
+    """Sample one variant with infer's code and read its images with compare's metrics."""
+    out = work / "infer" / variant.name
+    results = generate_variants(cfg, [variant], out)
+    class_files = {
+        name: [f.relative_to(out).as_posix() for f in gen.class_files] for name, gen in results.items()
+    }
+    index = InferIndex.from_results(out, results, settings={}, class_images=class_files)
+    return world_scores(reader, subject, index, variant.name, cfg.data.instance_token)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--base", type=Path, default=Path("models/base"))
+    parser.add_argument("--dreambooth", type=Path, default=Path("models/dreambooth"))
+    parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
+    parser.add_argument("--class-images", type=Path, default=Path("data/class_images"))
+    parser.add_argument("--ranks", type=int, nargs="+", default=None, help="default: lora.ranks")
+    parser.add_argument(
+        "--lrs", type=float, nargs="+", default=None, help="default: lora.train.learning_rate"
+    )
+    parser.add_argument(
+        "--steps", type=int, nargs="+", default=None, help="default: lora.train.max_train_steps"
+    )
+    parser.add_argument("--images-per-prompt", type=int, default=24)
+    parser.add_argument("--class-images-per-variant", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON")
+    args = parser.parse_args(argv)
+
+    cfg = load_config(args.params)
+    loaded = load_reader(args.base / READER_DIR)
+    if loaded is None:
+        parser.error(
+            f"{args.base / READER_DIR}: no attribute reader (run `dvc repro base` on the tiny profile)"
+        )
+    reader, info = loaded
+    subject = dict(info["subject"])
+    ranks = args.ranks or list(cfg.lora.ranks)
+    lrs = args.lrs or [cfg.lora.train.learning_rate]
+    steps_list = args.steps or [cfg.lora.train.max_train_steps]
+
+    rows: list[dict[str, float | str]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        baseline_cfg = sweep_config(cfg, ranks[0], lrs[0], steps_list[0], args)
+        db = score(baseline_cfg, Variant("dreambooth", args.dreambooth), work, reader, subject)
+        rows.append({"variant": "dreambooth", "lr": 0.0, "steps": 0, "rank": 0, "train_s": 0.0, **db})
+        print_row(rows[-1], header=True)
+        for lr in lrs:
+            for steps in steps_list:
+                for rank in ranks:
+                    run_cfg = sweep_config(cfg, rank, lr, steps, args)
+                    name = f"lr{lr:.0e}_s{steps}_r{rank}"  # an adapter name: no dots
+                    paths = FinetunePaths(
+                        args.prepared, args.class_images, work / "ckpt" / name, work / "reports" / name
+                    )
+                    start = time.perf_counter()
+                    metrics = lora_stage.run(run_cfg, rank, args.dreambooth, work / "lora" / name, paths)
+                    seconds = time.perf_counter() - start
+                    variant = Variant(name, args.dreambooth, work / "lora" / name, rank)
+                    scores = score(run_cfg, variant, work, reader, subject)
+                    row = {"variant": name, "lr": lr, "steps": steps, "rank": rank, "train_s": seconds}
+                    rows.append(row | {"lora_params": metrics["lora_params"]} | scores)
+                    print_row(rows[-1])
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+def print_row(row: dict[str, float | str], header: bool = False) -> None:
+    """One line per variant, aligned."""
+    if header:
+        print(f"{'variant':<22}{'params':>8}{'train_s':>8}" + "".join(f"{c[:13]:>14}" for c in COLUMNS))
+    params = f"{int(row.get('lora_params', 0)):>8}"
+    print(
+        f"{row['variant']:<22}{params}{row['train_s']:>8.1f}"
+        + "".join(f"{row.get(c, float('nan')):>14.3f}" for c in COLUMNS),
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
