@@ -42,9 +42,12 @@ def _params(cfg: PipelineConfig, path: Path, processes: int) -> Path:
     return path
 
 
-def _stage(module: str, params: Path, *args: str) -> None:
+def _stage(stage: str, params: Path, *args: str) -> None:
+    """``python -m stages <stage>``, as dvc.yaml runs it: with compute.num_processes > 1 it launches at once."""
     proc = subprocess.run(
-        [sys.executable, "-m", module, "--params", str(params), *args], capture_output=True, text=True
+        [sys.executable, "-m", "stages", stage, "--params", str(params), *args],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -61,25 +64,54 @@ def test_launch_command_uses_accelerate_with_the_configured_processes() -> None:
 
 
 def test_two_processes_make_the_same_class_images(world: TinyWorld, tmp_path: Path) -> None:
+    """Two processes share the missing indices of a half-filled work folder (a resumed run) and write the images
+    one process writes."""
     out, reports, work = tmp_path / "class2", tmp_path / "r2", tmp_path / "work2"  # work: as in dvc.yaml
-    _stage("stages.class_images", _params(world.cfg, tmp_path / "p.yaml", 2), "--base", str(world.base_dir),
+    names = sorted(p.name for p in world.class_dir.glob("class_*.png"))
+    kept = names[::3]  # what a killed run left, with the fingerprint of the same settings
+    work.mkdir()
+    for name in ["fingerprint.json", *kept]:
+        shutil.copy2(world.class_dir / name, work / name)
+    _stage("class_images", _params(world.cfg, tmp_path / "p.yaml", 2), "--base", str(world.base_dir),
            "--out", str(out), "--reports", str(reports), "--work", str(work))  # fmt: skip
     metrics = json.loads((reports / "metrics.json").read_text())
-    assert (
-        metrics["num_processes"] == 2 and metrics["num_generated"] == world.cfg.class_images.num_class_images
-    )
-    names = sorted(p.name for p in world.class_dir.glob("class_*.png"))
+    assert metrics["num_processes"] == 2, metrics
+    assert (metrics["num_generated"], metrics["num_reused"]) == (len(names) - len(kept), len(kept)), metrics
     assert sorted(p.name for p in out.glob("class_*.png")) == names, "no duplicated or missing index"
     for name in names:
         a = np.asarray(Image.open(out / name), dtype=np.int16)
         b = np.asarray(Image.open(world.class_dir / name), dtype=np.int16)
         assert np.abs(a - b).max() <= 1, name
-    # resumable as before: after DVC removes the output, a rerun with two processes generates nothing
-    shutil.rmtree(out)
-    _stage("stages.class_images", tmp_path / "p.yaml", "--base", str(world.base_dir), "--out", str(out),
-           "--reports", str(reports), "--work", str(work))  # fmt: skip
-    assert json.loads((reports / "metrics.json").read_text())["num_generated"] == 0
-    assert sorted(p.name for p in out.glob("class_*.png")) == names
+
+
+def test_the_dispatcher_launches_before_importing_the_stage(world: TinyWorld, tmp_path: Path) -> None:
+    """`python -m stages dreambooth` with two processes starts `accelerate launch` without importing the stage
+    (torch, diffusers): the launched processes do that; this one only waits and passes their status on."""
+    params = _params(world.cfg, tmp_path / "p.yaml", 2)
+    script = (
+        "import json, subprocess, sys\n"
+        "calls = []\n"
+        "subprocess.call = lambda cmd, env: calls.append(cmd) or 7\n"
+        "from stages.__main__ import main\n"
+        f"status = main(['dreambooth', '--params', {str(params)!r}, '--out', 'x'])\n"
+        "heavy = [m for m in ('stages.dreambooth', 'diffusers', 'mlflow') if m in sys.modules]\n"
+        "print(json.dumps({'status': status, 'calls': calls, 'heavy': heavy}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["status"] == 7 and result["heavy"] == [], result
+    [cmd] = result["calls"]
+    assert cmd[cmd.index("--num_processes") + 1] == "2", cmd
+    assert cmd[cmd.index("--module") :] == [
+        "--module",
+        "stages",
+        "dreambooth",
+        "--params",
+        str(params),
+        "--out",
+        "x",
+    ]
 
 
 def test_two_processes_train_like_one_with_the_same_global_batch(world: TinyWorld, tmp_path: Path) -> None:
@@ -87,7 +119,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(world: TinyWorl
     single.dreambooth.train_batch_size = 2
     dreambooth.run(single, world.base_dir, tmp_path / "one", world.paths("one"))
     paths = world.paths("two")
-    _stage("stages.dreambooth", _params(world.cfg, tmp_path / "p.yaml", 2), "--base", str(world.base_dir),
+    _stage("dreambooth", _params(world.cfg, tmp_path / "p.yaml", 2), "--base", str(world.base_dir),
            "--prepared", str(world.prepared), "--class-images", str(world.class_dir), "--out", str(tmp_path / "two"),
            "--checkpoints", str(paths.checkpoint_dir), "--reports", str(paths.reports_dir))  # fmt: skip
     name = "unet/diffusion_pytorch_model.safetensors"
