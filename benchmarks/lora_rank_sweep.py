@@ -18,6 +18,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from safetensors import safe_open
+
 from stages import lora as lora_stage
 from stages.compare import world_scores
 from stages.infer import Variant, generate_variants
@@ -45,7 +47,7 @@ def sweep_config(
     train = replace(cfg.lora.train, learning_rate=lr, max_train_steps=steps, validation_steps=steps + 1)
     return replace(
         cfg,
-        lora=replace(cfg.lora, ranks=[rank], rank=rank, train=train),
+        lora=replace(cfg.lora, ranks=[rank], rank=rank, alpha=args.alpha, train=train),
         infer=replace(
             cfg.infer,
             num_images_per_prompt=args.images_per_prompt,
@@ -53,6 +55,13 @@ def sweep_config(
         ),
         tracking=replace(cfg.tracking, enabled=False),
     )
+
+
+def saved_alpha(lora_dir: Path) -> float:
+    """``lora_alpha`` as the saved adapter's metadata records it (what diffusers loads it with)."""
+    with safe_open(lora_dir / lora_stage.WEIGHT_NAME, "pt") as weights:
+        metadata = json.loads(weights.metadata()["lora_adapter_metadata"])
+    return float(metadata["unet.lora_alpha"])
 
 
 def score(cfg: PipelineConfig, variant: Variant, work: Path, reader, subject) -> dict[str, float]:
@@ -82,12 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--steps", type=int, nargs="+", default=None, help="default: lora.train.max_train_steps"
     )
+    parser.add_argument("--alpha", type=float, default=None, help="lora.alpha (0: the rank; default: params)")
     parser.add_argument("--images-per-prompt", type=int, default=24)
     parser.add_argument("--class-images-per-variant", type=int, default=32)
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON")
     args = parser.parse_args(argv)
 
     cfg = load_config(args.params)
+    args.alpha = cfg.lora.alpha if args.alpha is None else args.alpha
     loaded = load_reader(args.base / READER_DIR)
     if loaded is None:
         parser.error(
@@ -120,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
                     variant = Variant(name, args.dreambooth, work / "lora" / name, rank)
                     scores = score(run_cfg, variant, work, reader, subject)
                     row = {"variant": name, "lr": lr, "steps": steps, "rank": rank, "train_s": seconds}
-                    rows.append(row | {"lora_params": metrics["lora_params"]} | scores)
+                    row |= {"alpha": saved_alpha(work / "lora" / name), "lora_params": metrics["lora_params"]}
+                    rows.append(row | scores)
                     print_row(rows[-1])
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2) + "\n")

@@ -73,7 +73,7 @@ def test_lora_rank_sweep_benchmark_scores_each_adapter(
     args = ["--params", str(params), "--base", str(repo / "models/base"),
             "--dreambooth", str(repo / "models/dreambooth"), "--prepared", str(repo / "data/prepared"),
             "--class-images", str(repo / "data/class_images"), "--ranks", "4", "24", "--lrs", "1e-2",
-            "--steps", "3", "--images-per-prompt", "1", "--class-images-per-variant", "2", "--out", str(out)]  # fmt: skip
+            "--steps", "3", "--alpha", "4", "--images-per-prompt", "1", "--class-images-per-variant", "2", "--out", str(out)]  # fmt: skip
     assert lora_rank_sweep.main(args) == 0
     rows = json.loads(out.read_text())
     assert [(r["variant"], r["rank"], r["steps"]) for r in rows] == [
@@ -82,6 +82,7 @@ def test_lora_rank_sweep_benchmark_scores_each_adapter(
         ("lr1e-02_s3_r24", 24, 3),
     ]
     assert rows[2]["lora_params"] == 6 * rows[1]["lora_params"] > 0  # the same projections, 6x the rank
+    assert rows[1]["alpha"] == rows[2]["alpha"] == 4
     for row in rows:
         assert 0 <= row["subject_rate"] <= 1 and 0 <= row["style_fidelity"] <= 1, row
         assert 0 <= row["class_diversity"] <= 1, row  # 2 class-prompt images: one pair
