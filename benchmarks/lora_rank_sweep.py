@@ -28,16 +28,9 @@ from stages.lib.config import load_config
 from stages.lib.finetune import FinetunePaths
 from stages.lib.inference import InferIndex
 from stages.lib.schema import PipelineConfig
+from stages.lib.world_metrics import DESCRIPTIONS as WORLD_METRICS
 
-COLUMNS = (
-    "subject_rate",
-    "subject_rate_stderr",
-    "subject_match",
-    "scene_fidelity",
-    "style_fidelity",
-    "class_diversity",
-    "class_subject_rate",
-)
+COLUMNS = tuple(WORLD_METRICS)  # compare's miniature-world metrics, in their order
 
 
 def sweep_config(
