@@ -2,7 +2,9 @@
 
 Reads every file of the input folder (never writes there), rejects corrupt, non-image, too small and duplicate
 files (skipped with a warning, or the stage stops, per ``prep.on_bad_input``), and writes
-``<index:03d>_<stem>.<prep.image_format>`` crops plus ``manifest.json`` into the output folder atomically.
+``<index:03d>_<stem>.<prep.image_format>`` crops plus ``manifest.json`` into the output folder atomically. A photo
+may carry its own caption in ``<photo>.txt`` beside it (kohya's convention, with the instance token): the manifest
+keeps it, and DreamBooth and LoRA train that photo with it instead of ``data.instance_prompt``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ SAVE_OPTIONS = {
     "webp": {"format": "WEBP", "lossless": True},
 }
 THUMB = 128
+CAPTION_SUFFIX = ".txt"  # <photo>.txt: the photo's own caption
 
 
 class BadInput(Exception):
@@ -186,8 +189,29 @@ def no_usable_images(input_dir: Path, manifest: Manifest, prep: PrepConfig) -> S
     )
 
 
-def process(files: list[Path], prep: PrepConfig, out_dir: Path) -> tuple[Manifest, list[Image.Image]]:
-    """Crop every usable file into ``out_dir``; returns the manifest and contact-sheet thumbnails."""
+def read_caption(photo: Path, token: str) -> str:
+    """The photo's own caption from ``<photo>.txt`` beside it (kohya's convention; whitespace collapsed), "" when
+    there is none; StageError when it cannot be read or lacks the instance token."""
+    path = photo.with_suffix(CAPTION_SUFFIX)
+    if not path.is_file():
+        return ""
+    try:
+        caption = " ".join(path.read_text(encoding="utf-8").split())
+    except (OSError, UnicodeDecodeError) as err:
+        raise StageError(f"{path}: the caption cannot be read as UTF-8 text ({err})") from err
+    if token not in caption.split():
+        raise StageError(
+            f"{path}: the caption {caption!r} lacks the instance token '{token}' (data.instance_token): "
+            "add it, or remove the file to train this photo on data.instance_prompt"
+        )
+    return caption
+
+
+def process(
+    files: list[Path], prep: PrepConfig, out_dir: Path, token: str
+) -> tuple[Manifest, list[Image.Image]]:
+    """Crop every usable file into ``out_dir`` (with its caption, if it has one); returns the manifest and
+    contact-sheet thumbnails."""
     manifest, thumbs, seen = Manifest(prep.resolution), [], {}
     with logging_redirect_tqdm():
         for path in tqdm(files, desc="prep", unit="file"):
@@ -199,6 +223,7 @@ def process(files: list[Path], prep: PrepConfig, out_dir: Path) -> tuple[Manifes
                 continue
             seen |= {photo.sha256: path.name, photo.pixel_sha256: path.name}
             crop, entry = crop_photo(photo, len(manifest.images), prep)
+            entry.caption = read_caption(path, token)
             crop.save(out_dir / entry.output, **SAVE_OPTIONS[prep.image_format])
             manifest.images.append(entry)
             thumbs.append(thumbnail(crop, entry))
@@ -211,10 +236,14 @@ def run(cfg: PipelineConfig, input_dir: Path, output_dir: Path, reports_dir: Pat
     check_config(prep)
     input_dir, output_dir, reports_dir = Path(input_dir), Path(output_dir), Path(reports_dir)
     files = input_files(input_dir, output_dir)
+    photos = {f.stem for f in files if f.suffix.lower() != CAPTION_SUFFIX}
+    files = [
+        f for f in files if f.suffix.lower() != CAPTION_SUFFIX or f.stem not in photos
+    ]  # no photo: rejected
     params = to_flat_dict(prep, "prep.") | to_flat_dict(cfg.data, "data.")
     with stage_run("prep", cfg.tracking, params, reports_dir) as tracker:
         with atomic_dir(output_dir) as tmp:
-            manifest, thumbs = process(files, prep, tmp)
+            manifest, thumbs = process(files, prep, tmp, cfg.data.instance_token)
             if not manifest.images:
                 raise no_usable_images(input_dir, manifest, prep)
             manifest.write(tmp / MANIFEST)

@@ -329,3 +329,25 @@ def test_tracking_calls(cfg: PipelineConfig, tmp_path: Path, monkeypatch: pytest
     assert "data.instance_dir" in seen["params"]
     assert tracker.calls["prep/contact_sheet.png"] and tracker.calls["prep/manifest.json"] is True
     assert tracker.calls["metrics"] == metrics
+
+
+def test_a_caption_beside_a_photo_goes_into_the_manifest(cfg: PipelineConfig, tmp_path: Path) -> None:
+    """kohya's convention: good.txt captions good.jpg (whitespace collapsed); good2.png has none; a .txt that
+    names no photo is rejected like any other file that is not an image."""
+    make_good(tmp_path / "in")
+    write(tmp_path / "in", "good.txt", b"  a photo of sks man face\n in a forest\n")
+    make_bad(tmp_path / "in", "notes.txt")
+    metrics, manifest = prep(cfg, tmp_path / "in", tmp_path)
+    captions = {e.source: e.caption for e in manifest.images}
+    assert captions == {"good.jpg": "a photo of sks man face in a forest", "good2.png": ""}
+    assert metrics["num_input"] == 3 and [r.file for r in manifest.rejected] == ["notes.txt"]
+
+
+def test_a_caption_without_the_instance_token_is_refused(cfg: PipelineConfig, tmp_path: Path) -> None:
+    make_good(tmp_path / "in")
+    prep(cfg, tmp_path / "in", tmp_path)
+    before = digest(tmp_path / "out")
+    write(tmp_path / "in", "good2.txt", b"a photo of a man in a forest\n")
+    with pytest.raises(StageError, match=r"good2.txt: the caption .* lacks the instance token 'sks'"):
+        prep(cfg, tmp_path / "in", tmp_path)
+    assert digest(tmp_path / "out") == before

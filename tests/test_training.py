@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,8 +24,10 @@ from stages.compose import compose
 from stages.lib import losses
 from stages.lib.config import to_flat_dict
 from stages.lib.errors import StageError
+from stages.lib.finetune import build_training_data
+from stages.lib.manifest import MANIFEST, Manifest
 from stages.lib.subject_metrics import nearest_subject_distance, sample_latents
-from stages.lib.train_data import encode_latents, load_instance_set
+from stages.lib.train_data import TrainDataError, encode_latents, load_instance_set
 from stages.lib.training import NonFiniteLossError
 
 from .conftest import PROJECT_ROOT
@@ -246,3 +250,24 @@ def test_lora_alpha_other_than_rank_survives_reload(world, trained) -> None:
     pipe.load_lora_weights(out)
     (adapter,) = pipe.unet.peft_config.values()
     assert (adapter.r, adapter.lora_alpha) == (4, 8)
+
+
+def test_per_photo_captions_give_each_photo_its_own_prompt(world, tmp_path: Path) -> None:
+    """A caption in prep's manifest replaces data.instance_prompt for its photo (one embedding per photo); the
+    others keep the instance prompt."""
+    prepared = tmp_path / "prepared"
+    shutil.copytree(world.prepared, prepared)
+    manifest = Manifest.read(prepared / MANIFEST)
+    manifest.images[0].caption = "a photo of sks man face in a forest"
+    manifest.write(prepared / MANIFEST)
+    paths = replace(world.paths("captions"), prepared_dir=prepared)
+    pipe = _pipe(world.base_dir)
+    data = build_training_data(pipe, world.cfg.dreambooth, world.cfg.data, paths)
+    embeds = data.instance_embeds
+    assert embeds.shape[0] == len(manifest.images) > 2
+    single = build_training_data(pipe, world.cfg.dreambooth, world.cfg.data, world.paths("one_prompt"))
+    assert single.instance_embeds.shape[0] == 1
+    assert torch.equal(embeds[1], single.instance_embeds[0]) and torch.equal(embeds[2], embeds[1])
+    assert not torch.allclose(embeds[0], embeds[1])
+    with pytest.raises(TrainDataError, match="validation_holdout=1 with per-photo captions"):
+        build_training_data(pipe, replace(world.cfg.dreambooth, validation_holdout=1), world.cfg.data, paths)

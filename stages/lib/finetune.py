@@ -110,9 +110,12 @@ def build_training_data(
         weights = face_weight_maps(
             instances.face_boxes, cfg.resolution, latent_size, cfg.face_loss_weight
         ).to(device)
+    prompts = instances.prompts(
+        data_cfg.instance_prompt
+    )  # per-photo captions (prep's manifest) or the one prompt
     data = TrainingData(
         instance=instance_cache.to(device),
-        instance_embeds=encode_prompt(pipe, data_cfg.instance_prompt).to(device),
+        instance_embeds=encode_prompt(pipe, prompts).to(device),
         instance_weights=weights,
         holdout=encode_latents(pipe.vae, holdout).to(device) if holdout is not None else None,
     )
@@ -130,7 +133,7 @@ def build_training_data(
             data.cond["class"] = conditioning(classes.pixels).to(device)
     if cfg.train_text_encoder:
         data.text_encoder = pipe.text_encoder
-        data.instance_ids = prompt_ids(pipe, data_cfg.instance_prompt)
+        data.instance_ids = prompt_ids(pipe, prompts)
     return data
 
 

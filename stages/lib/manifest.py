@@ -36,6 +36,8 @@ class ManifestEntry:
     method: str  # face | saliency | center
     face_box: list[int] | None  # in original pixels
     face_box_output: list[int] | None  # in the output crop's pixels (resolution x resolution)
+    # the photo's own caption (``<photo>.txt`` beside it); "" trains the photo on data.instance_prompt
+    caption: str = ""
 
 
 @dataclass

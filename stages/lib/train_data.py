@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ class ImageSet:
     pixels: torch.Tensor
     names: list[str]
     face_boxes: list[Box | None]
+    captions: list[str] = field(default_factory=list)  # per image ("" for none); empty: no captions at all
 
     def __len__(self) -> int:
         return self.pixels.shape[0]
@@ -36,10 +37,22 @@ class ImageSet:
             return self, None
         if holdout >= len(self):
             raise TrainDataError(f"validation_holdout={holdout} leaves no training image (have {len(self)})")
+        if any(self.captions):
+            raise TrainDataError(
+                f"validation_holdout={holdout} with per-photo captions is not supported yet: "
+                "set validation_holdout=0 or remove the photos' .txt captions"
+            )
         cut = len(self) - holdout
         head = ImageSet(self.pixels[:cut], self.names[:cut], self.face_boxes[:cut])
         tail = ImageSet(self.pixels[cut:], self.names[cut:], self.face_boxes[cut:])
         return head, tail
+
+    def prompts(self, default: str) -> str | list[str]:
+        """What each image trains with: ``default`` (one prompt for all) unless some image has its own caption,
+        then one prompt per image (its caption, else ``default``)."""
+        if not any(self.captions):
+            return default
+        return [caption or default for caption in self.captions]
 
 
 def _to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
@@ -83,7 +96,7 @@ def load_instance_set(prepared_dir: Path, resolution: int) -> ImageSet:
         pixels.append(_to_tensor(Image.open(Path(prepared_dir) / entry.output), resolution))
         names.append(entry.output)
         boxes.append(_scaled_box(entry.face_box_output, manifest.resolution, resolution))
-    return ImageSet(torch.stack(pixels), names, boxes)
+    return ImageSet(torch.stack(pixels), names, boxes, [entry.caption for entry in manifest.images])
 
 
 def face_weight_maps(
