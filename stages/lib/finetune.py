@@ -110,9 +110,8 @@ def build_training_data(
         weights = face_weight_maps(
             instances.face_boxes, cfg.resolution, latent_size, cfg.face_loss_weight
         ).to(device)
-    prompts = instances.prompts(
-        data_cfg.instance_prompt
-    )  # per-photo captions (prep's manifest) or the one prompt
+    # one prompt per photo where prep's manifest has captions, else data.instance_prompt for all
+    prompts = instances.prompts(data_cfg.instance_prompt)
     data = TrainingData(
         instance=instance_cache.to(device),
         instance_embeds=encode_prompt(pipe, prompts).to(device),
