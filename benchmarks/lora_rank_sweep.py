@@ -60,11 +60,7 @@ def saved_alpha(lora_dir: Path) -> float:
 def score(cfg: PipelineConfig, variant: Variant, work: Path, reader, subject) -> dict[str, float]:
     """Sample one variant with infer's code and read its images with compare's metrics."""
     out = work / "infer" / variant.name
-    results = generate_variants(cfg, [variant], out)
-    class_files = {
-        name: [f.relative_to(out).as_posix() for f in gen.class_files] for name, gen in results.items()
-    }
-    index = InferIndex.from_results(out, results, settings={}, class_images=class_files)
+    index = InferIndex.from_results(out, generate_variants(cfg, [variant], out), settings={})
     return world_scores(reader, subject, index, variant.name, cfg.data.instance_token)
 
 

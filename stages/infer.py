@@ -169,20 +169,14 @@ def run(cfg: PipelineConfig, paths: InferPaths) -> dict[str, float]:
         ranks = {v.name: v.rank for v in variants if v.rank is not None}
         with atomic_dir(paths.out) as tmp:
             results = generate_variants(cfg, variants, tmp)
-            settings = sampling_kwargs(cfg.infer)
-            class_images = {
-                name: [f.relative_to(tmp).as_posix() for f in gen.class_files]
-                for name, gen in results.items()
-                if gen.class_files
-            }
+            probed = any(gen.class_files for gen in results.values())
             InferIndex.from_results(
                 tmp,
                 results,
-                settings=settings,
+                settings=sampling_kwargs(cfg.infer),
                 lora_ranks=ranks,
                 skipped=skipped,
-                class_prompt=cfg.data.class_prompt if class_images else "",
-                class_images=class_images,
+                class_prompt=cfg.data.class_prompt if probed else "",
             ).write()
         seconds = time.perf_counter() - start
         log_grids(InferIndex.load(paths.out), paths.reports, tracker)

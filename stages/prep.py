@@ -236,10 +236,9 @@ def run(cfg: PipelineConfig, input_dir: Path, output_dir: Path, reports_dir: Pat
     check_config(prep)
     input_dir, output_dir, reports_dir = Path(input_dir), Path(output_dir), Path(reports_dir)
     files = input_files(input_dir, output_dir)
+    # <photo>.txt captions go with their photos; a .txt that names no photo is examined (and rejected) like any file
     photos = {f.stem for f in files if f.suffix.lower() != CAPTION_SUFFIX}
-    files = [
-        f for f in files if f.suffix.lower() != CAPTION_SUFFIX or f.stem not in photos
-    ]  # no photo: rejected
+    files = [f for f in files if f.suffix.lower() != CAPTION_SUFFIX or f.stem not in photos]
     params = to_flat_dict(prep, "prep.") | to_flat_dict(cfg.data, "data.")
     with stage_run("prep", cfg.tracking, params, reports_dir) as tracker:
         with atomic_dir(output_dir) as tmp:

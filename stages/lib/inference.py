@@ -241,13 +241,18 @@ class InferIndex:
 
     @classmethod
     def from_results(cls, root: Path, results: dict[str, Generation], **extra: Any) -> InferIndex:
-        """The index of ``generate`` results written under ``root`` (``extra``: settings, lora_ranks, skipped)."""
+        """The index of ``generate`` results written under ``root``, with each variant's class-prompt images
+        (``extra``: settings, lora_ranks, skipped, class_prompt)."""
+
+        def relative(files: list[Path]) -> list[str]:
+            return [f.relative_to(root).as_posix() for f in files]
+
         first = next(iter(results.values()))
         variants = {
-            name: {p: [f.relative_to(root).as_posix() for f in files] for p, files in gen.files.items()}
-            for name, gen in results.items()
+            name: {p: relative(files) for p, files in gen.files.items()} for name, gen in results.items()
         }
-        return cls(root, list(first.images), variants, first.seeds, **extra)
+        class_images = {name: relative(gen.class_files) for name, gen in results.items() if gen.class_files}
+        return cls(root, list(first.images), variants, first.seeds, class_images=class_images, **extra)
 
     @classmethod
     def load(cls, root: Path) -> InferIndex:
