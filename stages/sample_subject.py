@@ -3,7 +3,10 @@
 Every "photo" shows the same identity (``SUBJECT``, which the miniature world's pretraining data never shows) with
 a varied pose, scale, position, world scene (stages/lib/world.py) and size,
 saved as a mix of JPEG and PNG; some JPEGs are stored sideways with an EXIF orientation tag so that prep's
-EXIF handling is exercised. Image ``i`` depends only on ``(seed, i)``: same seed, identical bytes.
+EXIF handling is exercised. A photo taken in a scene gets a caption naming it (``subject_002.txt``: "a photo of sks
+man face in a kitchen"), as a user would caption such photos for DreamBooth, so that training binds ``sks`` to the
+person rather than to the scenes behind them. Image ``i`` depends only on ``(seed, i)``: same seed, identical
+bytes.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from stages.lib.config import ConfigError
 from stages.lib.face_render import SUBJECT, FaceAttributes
 from stages.lib.outputs import atomic_dir
 from stages.lib.schema import PipelineConfig, SampleSubjectConfig
-from stages.lib.world import apply_style, paint_scene, place_person
+from stages.lib.world import SCENE_SUFFIX, apply_style, paint_scene, place_person
 
 MIN_IMAGE_SIDE = 64  # the tiny profile's prep resolution
 EXIF_ORIENTATION_TAG = 0x0112
@@ -80,27 +83,43 @@ def check_config(cfg: SampleSubjectConfig) -> None:
         )
 
 
-def write_subject(cfg: SampleSubjectConfig, folder: Path, attrs: FaceAttributes = SUBJECT) -> list[Path]:
-    """Write ``cfg.num_images`` photos of ``attrs`` into ``folder``; returns their paths."""
+def scene_caption(instance_prompt: str, scene: str) -> str | None:
+    """The caption of a photo taken in ``scene``: the instance prompt naming it; None on a plain background."""
+    return f"{instance_prompt}{SCENE_SUFFIX[scene]}" if SCENE_SUFFIX[scene] else None
+
+
+def write_subject(
+    cfg: SampleSubjectConfig,
+    folder: Path,
+    attrs: FaceAttributes = SUBJECT,
+    instance_prompt: str | None = None,
+) -> list[Path]:
+    """Write ``cfg.num_images`` photos of ``attrs`` into ``folder`` (with their scene captions when an
+    ``instance_prompt`` is given); returns the photos' paths."""
     paths = []
     for i in range(cfg.num_images):
         rng = np.random.default_rng([cfg.seed, i])
         width, height = (int(v) for v in rng.integers(cfg.min_size, cfg.max_size + 1, 2))
-        photo = compose_photo(attrs, rng, width, height, SCENE_CYCLE[i % len(SCENE_CYCLE)])
+        scene = SCENE_CYCLE[i % len(SCENE_CYCLE)]
+        photo = compose_photo(attrs, rng, width, height, scene)
         if i % 3 == 2:
             paths.append(save_photo(photo, folder / f"subject_{i:03d}.png"))
         else:
             orientation = JPEG_ORIENTATIONS[(i // 3) % len(JPEG_ORIENTATIONS)]
             quality = int(rng.integers(85, 96))
             paths.append(save_photo(photo, folder / f"subject_{i:03d}.jpg", orientation, quality))
+        caption = scene_caption(instance_prompt, scene) if instance_prompt else None
+        if caption:
+            paths[-1].with_suffix(".txt").write_text(caption + "\n")
     return paths
 
 
 def run(cfg: PipelineConfig, output_dir: Path) -> list[Path]:
-    """Replace ``output_dir`` with a freshly drawn sample subject; returns the written files."""
+    """Replace ``output_dir`` with a freshly drawn sample subject; returns the written photos."""
     check_config(cfg.sample_subject)
+    prompt = cfg.data.instance_prompt if cfg.sample_subject.captions else None
     with atomic_dir(output_dir) as tmp:
-        names = [p.name for p in write_subject(cfg.sample_subject, tmp)]
+        names = [p.name for p in write_subject(cfg.sample_subject, tmp, instance_prompt=prompt)]
     return [output_dir / name for name in names]
 
 

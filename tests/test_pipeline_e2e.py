@@ -55,7 +55,7 @@ def test_repro_writes_every_stage_output(repo: Path) -> None:
     assert sum(e["method"] == "face" for e in manifest["images"]) >= 0.8 * len(manifest["images"])
     assert (repo / "reports/prep/contact_sheet.png").is_file()
     assert (repo / "models/base/model_index.json").is_file()
-    assert len(list((repo / "data/class_images").glob("class_*.png"))) == 16
+    assert len(list((repo / "data/class_images").glob("class_*.png"))) == 64  # the tiny profile's count
     assert (repo / "models/dreambooth/unet/diffusion_pytorch_model.safetensors").is_file()
     for rank in (4, 8, 24):
         assert (repo / f"models/lora/r{rank}/pytorch_lora_weights.safetensors").is_file()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -28,8 +29,8 @@ def cfg() -> PipelineConfig:
     return config
 
 
-def contents(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+def contents(folder: Path, suffixes: tuple[str, ...] = (".jpg", ".png", ".txt")) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.suffix in suffixes}
 
 
 def test_same_seed_gives_identical_bytes(cfg: PipelineConfig, tmp_path: Path) -> None:
@@ -38,9 +39,9 @@ def test_same_seed_gives_identical_bytes(cfg: PipelineConfig, tmp_path: Path) ->
     assert contents(tmp_path / "a") == contents(tmp_path / "b")
     cfg.sample_subject.seed = 8
     sample_subject.run(cfg, tmp_path / "c")
-    other = contents(tmp_path / "c")
-    assert other.keys() == contents(tmp_path / "a").keys()
-    assert all(other[k] != v for k, v in contents(tmp_path / "a").items())
+    other = contents(tmp_path / "c", (".jpg", ".png"))
+    assert other.keys() == contents(tmp_path / "a", (".jpg", ".png")).keys()
+    assert all(other[k] != v for k, v in contents(tmp_path / "a", (".jpg", ".png")).items())
 
 
 def test_formats_sizes_and_exif(cfg: PipelineConfig, tmp_path: Path) -> None:
@@ -74,11 +75,41 @@ def test_encode_orientation_round_trips(orientation: int) -> None:
     assert list(ImageOps.exif_transpose(stored).getdata()) == list(upright.getdata())
 
 
+def test_photos_taken_in_a_scene_are_captioned_with_it(cfg: PipelineConfig, tmp_path: Path) -> None:
+    """Photo i shows SCENE_CYCLE[i % 5]; a scene photo's caption is the instance prompt naming that scene, a plain
+    background's photo has none (it trains with the instance prompt)."""
+    cfg.data.instance_prompt = "a photo of zwx man face"
+    photos = sample_subject.run(cfg, tmp_path / "subject")
+    for i, photo in enumerate(photos):
+        scene = sample_subject.SCENE_CYCLE[i % len(sample_subject.SCENE_CYCLE)]
+        caption = photo.with_suffix(".txt")
+        if scene == "plain":
+            assert not caption.exists(), photo.name
+        else:
+            assert caption.read_text() == f"a photo of zwx man face in a {scene}\n", photo.name
+    assert sum(p.with_suffix(".txt").exists() for p in photos) == 3  # photos 2, 3, 4 of 6
+    cfg.sample_subject.captions = False
+    sample_subject.run(cfg, tmp_path / "bare")
+    assert len(list((tmp_path / "bare").iterdir())) == NUM  # photos only
+
+
 def test_passes_through_prep(cfg: PipelineConfig, tmp_path: Path) -> None:
-    sample_subject.run(cfg, tmp_path / "subject")
+    """Every photo is accepted, faces found, and each scene caption lands in the manifest beside its crop."""
+    photos = sample_subject.run(cfg, tmp_path / "subject")
     metrics = prep.run(cfg, tmp_path / "subject", tmp_path / "prepared", tmp_path / "reports")
     assert metrics["num_accepted"] == NUM and metrics["num_rejected"] == 0
     assert metrics["num_face"] >= NUM - 1
+    manifest = json.loads((tmp_path / "prepared" / "manifest.json").read_text())
+    captions = {Path(e["source"]).name: e["caption"] for e in manifest["images"]}
+    assert captions == {
+        p.name: (p.with_suffix(".txt").read_text().strip() if p.with_suffix(".txt").exists() else "")
+        for p in photos
+    }
+    assert sorted(c for c in captions.values() if c) == [
+        "a photo of sks man face in a forest",
+        "a photo of sks man face in a kitchen",
+        "a photo of sks man face in a night city",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -95,4 +126,4 @@ def test_cli(cfg: PipelineConfig, tmp_path: Path) -> None:
     params = tmp_path / "params.yaml"
     OmegaConf.save(OmegaConf.structured(cfg), params)
     assert sample_subject.main(["--params", str(params), "--out", str(tmp_path / "out")]) == 0
-    assert len(list((tmp_path / "out").iterdir())) == NUM
+    assert len(list((tmp_path / "out").glob("subject_*.[jp][pn]g"))) == NUM

@@ -27,7 +27,7 @@ from stages.lib.errors import StageError
 from stages.lib.finetune import build_training_data
 from stages.lib.manifest import MANIFEST, Manifest
 from stages.lib.subject_metrics import nearest_subject_distance, sample_latents
-from stages.lib.train_data import TrainDataError, encode_latents, load_instance_set
+from stages.lib.train_data import encode_latents, load_instance_set
 from stages.lib.training import NonFiniteLossError
 
 from .conftest import PROJECT_ROOT
@@ -269,5 +269,28 @@ def test_per_photo_captions_give_each_photo_its_own_prompt(world, tmp_path: Path
     assert single.instance_embeds.shape[0] == 1
     assert torch.equal(embeds[1], single.instance_embeds[0]) and torch.equal(embeds[2], embeds[1])
     assert not torch.allclose(embeds[0], embeds[1])
-    with pytest.raises(TrainDataError, match="validation_holdout=1 with per-photo captions"):
-        build_training_data(pipe, replace(world.cfg.dreambooth, validation_holdout=1), world.cfg.data, paths)
+
+
+def test_held_out_photos_keep_their_captions(world, tmp_path: Path) -> None:
+    """With validation_holdout the held-out photos are probed with their own captions (the val_loss prompt), the
+    training photos with theirs."""
+    prepared = tmp_path / "prepared"
+    shutil.copytree(world.prepared, prepared)
+    manifest = Manifest.read(prepared / MANIFEST)
+    manifest.images[0].caption = "a photo of sks man face in a forest"
+    manifest.images[-1].caption = "a photo of sks man face in a kitchen"
+    manifest.write(prepared / MANIFEST)
+    paths = replace(world.paths("holdout_captions"), prepared_dir=prepared)
+    pipe = _pipe(world.base_dir)
+    full = build_training_data(pipe, world.cfg.dreambooth, world.cfg.data, paths)
+    held = build_training_data(
+        pipe, replace(world.cfg.dreambooth, validation_holdout=1), world.cfg.data, paths
+    )
+    count = len(manifest.images)
+    assert held.instance_embeds.shape[0] == count - 1 and len(held.holdout.mean) == 1
+    assert torch.equal(held.instance_embeds, full.instance_embeds[:-1])
+    # the held-out photo's kitchen caption, not the instance prompt
+    assert torch.equal(held.holdout_embeds[0], full.instance_embeds[-1])
+    assert not torch.allclose(held.holdout_embeds[0], full.instance_embeds[1])
+    rows = held.rows("holdout", torch.zeros(3, dtype=torch.long))
+    assert rows.shape[0] == 3 and torch.equal(rows[2], full.instance_embeds[-1])

@@ -116,8 +116,13 @@ def build_training_data(
         instance=instance_cache.to(device),
         instance_embeds=encode_prompt(pipe, prompts).to(device),
         instance_weights=weights,
-        holdout=encode_latents(pipe.vae, holdout).to(device) if holdout is not None else None,
     )
+    if holdout is not None:  # held-out photos probe with their own captions, like the training photos
+        data.holdout = encode_latents(pipe.vae, holdout).to(device)
+        holdout_prompts = holdout.prompts(data_cfg.instance_prompt)
+        data.holdout_embeds = encode_prompt(pipe, holdout_prompts).to(device)
+        if cfg.train_text_encoder:
+            data.holdout_ids = prompt_ids(pipe, holdout_prompts)
     if conditioning is not None:
         data.cond["instance"] = conditioning(instances.pixels).to(device)
         if holdout is not None:

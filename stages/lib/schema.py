@@ -132,6 +132,9 @@ class SampleSubjectConfig:
     min_size: int = 160
     max_size: int = 320
     seed: int = 7
+    # <photo>.txt beside each photo taken in a scene: data.instance_prompt naming it ("... in a kitchen", kohya's
+    # convention, read by prep); photos on a plain background keep the instance prompt
+    captions: bool = True
 
 
 @dataclass

@@ -37,14 +37,9 @@ class ImageSet:
             return self, None
         if holdout >= len(self):
             raise TrainDataError(f"validation_holdout={holdout} leaves no training image (have {len(self)})")
-        if any(self.captions):
-            raise TrainDataError(
-                f"validation_holdout={holdout} with per-photo captions is not supported yet: "
-                "set validation_holdout=0 or remove the photos' .txt captions"
-            )
         cut = len(self) - holdout
-        head = ImageSet(self.pixels[:cut], self.names[:cut], self.face_boxes[:cut])
-        tail = ImageSet(self.pixels[cut:], self.names[cut:], self.face_boxes[cut:])
+        head = ImageSet(self.pixels[:cut], self.names[:cut], self.face_boxes[:cut], self.captions[:cut])
+        tail = ImageSet(self.pixels[cut:], self.names[cut:], self.face_boxes[cut:], self.captions[cut:])
         return head, tail
 
     def prompts(self, default: str) -> str | list[str]:

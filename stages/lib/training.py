@@ -47,30 +47,38 @@ class TrainingData:
     class_embeds: torch.Tensor | None = None
     with_prior: bool = False  # train on the class images too (prior preservation)
     holdout: LatentCache | None = None
+    holdout_embeds: torch.Tensor | None = None  # the held-out images' prompts, like instance_embeds
     text_encoder: torch.nn.Module | None = None  # set when the text encoder trains: embeddings every step
     instance_ids: torch.Tensor | None = None  # (1 or N, 77) token ids, used with text_encoder
     class_ids: torch.Tensor | None = None
+    holdout_ids: torch.Tensor | None = None
     # Per-row conditioning images of the "instance", "class" and "holdout" sets, (N, C, H, W) aligned with their
     # latents (ControlNet maps); when set, the denoiser is called with ``controlnet_cond``.
     cond: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def _prompt(self, kind: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(cached embeddings, token ids) of ``kind``: "instance", "class" or "holdout"."""
+        if kind == "holdout":
+            return self.holdout_embeds, self.holdout_ids
+        if kind == "class":
+            return self.class_embeds, self.class_ids
+        return self.instance_embeds, self.instance_ids
+
     def has_prompt(self, kind: str) -> bool:
         """Whether ``kind`` has prompt embeddings (cached, or from the trained text encoder), without computing them."""
-        cached = self.instance_embeds if kind == "instance" else self.class_embeds
-        ids = self.instance_ids if kind == "instance" else self.class_ids
+        cached, ids = self._prompt(kind)
         return cached is not None or (self.text_encoder is not None and ids is not None)
 
     def embeds(self, kind: str) -> torch.Tensor | None:
-        """Prompt embeddings of ``kind`` ("instance" | "class"): cached, or fresh from the trained text encoder."""
-        cached = self.instance_embeds if kind == "instance" else self.class_embeds
-        ids = self.instance_ids if kind == "instance" else self.class_ids
+        """Prompt embeddings of ``kind``: cached, or fresh from the trained text encoder."""
+        cached, ids = self._prompt(kind)
         if self.text_encoder is None or ids is None:
             return cached
         return self.text_encoder(ids)[0]
 
     def rows(self, kind: str, index: torch.Tensor) -> torch.Tensor | None:
         """The prompt embeddings of the images ``index`` of ``kind``: per-image captions or one shared prompt."""
-        ids = self.instance_ids if kind == "instance" else self.class_ids
+        _, ids = self._prompt(kind)
         if self.text_encoder is not None and ids is not None and ids.shape[0] > 1:
             return self.text_encoder(ids[index.to(ids.device)])[0]  # per-image captions: encode this batch's
         embeds = self.embeds(kind)
@@ -307,9 +315,9 @@ class DiffusionTrainer:
     def _probe_values(self, d: TrainingData) -> dict[str, float]:
         held = d.holdout is not None
         return {
-            "val_loss": self.probe_loss(
-                d.holdout if held else d.instance, "instance", "holdout" if held else "instance"
-            ),
+            "val_loss": self.probe_loss(d.holdout, "holdout", "holdout")
+            if held
+            else self.probe_loss(d.instance, "instance", "instance"),
             "class_probe_loss": self.probe_loss(d.class_probe, "class", "class"),
         }
 
