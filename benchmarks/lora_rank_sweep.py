@@ -15,7 +15,7 @@ import argparse
 import json
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from safetensors import safe_open
@@ -33,18 +33,27 @@ from stages.lib.world_metrics import DESCRIPTIONS as WORLD_METRICS
 COLUMNS = tuple(WORLD_METRICS)  # compare's miniature-world metrics, in their order
 
 
+@dataclass(frozen=True)
+class SweepSettings:
+    """What every adapter of one sweep shares: its LoRA alpha and how many images score it."""
+
+    alpha: float
+    images_per_prompt: int
+    class_images_per_variant: int
+
+
 def sweep_config(
-    cfg: PipelineConfig, rank: int, lr: float, steps: int, args: argparse.Namespace
+    cfg: PipelineConfig, rank: int, lr: float, steps: int, sweep: SweepSettings
 ) -> PipelineConfig:
     """The pipeline config with one rank trained at ``lr`` for ``steps``, MLflow off, and the sweep's image counts."""
     train = replace(cfg.lora.train, learning_rate=lr, max_train_steps=steps, validation_steps=steps + 1)
     return replace(
         cfg,
-        lora=replace(cfg.lora, ranks=[rank], rank=rank, alpha=args.alpha, train=train),
+        lora=replace(cfg.lora, ranks=[rank], rank=rank, alpha=sweep.alpha, train=train),
         infer=replace(
             cfg.infer,
-            num_images_per_prompt=args.images_per_prompt,
-            class_prompt_images=args.class_images_per_variant,
+            num_images_per_prompt=sweep.images_per_prompt,
+            class_prompt_images=sweep.class_images_per_variant,
         ),
         tracking=replace(cfg.tracking, enabled=False),
     )
@@ -87,7 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     cfg = load_config(args.params)
-    args.alpha = cfg.lora.alpha if args.alpha is None else args.alpha
+    sweep = SweepSettings(
+        cfg.lora.alpha if args.alpha is None else args.alpha,
+        args.images_per_prompt,
+        args.class_images_per_variant,
+    )
     loaded = load_reader(args.base / READER_DIR)
     if loaded is None:
         parser.error(
@@ -102,14 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, float | str]] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        baseline_cfg = sweep_config(cfg, ranks[0], lrs[0], steps_list[0], args)
+        baseline_cfg = sweep_config(cfg, ranks[0], lrs[0], steps_list[0], sweep)
         db = score(baseline_cfg, Variant("dreambooth", args.dreambooth), work, reader, subject)
         rows.append({"variant": "dreambooth", "lr": 0.0, "steps": 0, "rank": 0, "train_s": 0.0, **db})
         print_row(rows[-1], header=True)
         for lr in lrs:
             for steps in steps_list:
                 for rank in ranks:
-                    run_cfg = sweep_config(cfg, rank, lr, steps, args)
+                    run_cfg = sweep_config(cfg, rank, lr, steps, sweep)
                     name = f"lr{lr:.0e}_s{steps}_r{rank}"  # an adapter name: no dots
                     paths = FinetunePaths(
                         args.prepared, args.class_images, work / "ckpt" / name, work / "reports" / name

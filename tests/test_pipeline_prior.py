@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import lora_rank_sweep
+from benchmarks import dreambooth_sweep, lora_rank_sweep
 from stages import dreambooth
 from stages.compose import compose
 from stages.lib.attribute_reader import AttributeReader, load_reader
@@ -86,3 +86,28 @@ def test_lora_rank_sweep_benchmark_scores_each_adapter(
     for row in rows:
         assert 0 <= row["subject_rate"] <= 1 and 0 <= row["style_fidelity"] <= 1, row
         assert 0 <= row["class_diversity"] <= 1, row  # 2 class-prompt images: one pair
+
+
+def test_dreambooth_sweep_benchmark_reruns_only_what_a_variant_changes(
+    e2e_clone_up_to_dreambooth: Path, tmp_path: Path
+) -> None:
+    """benchmarks/dreambooth_sweep.py trains DreamBooth once per variant of Hydra overrides on the clone's inputs,
+    making the sample subject, its crops or the class images again only where the overrides change them, and
+    scores each variant beside the base model."""
+    repo = e2e_clone_up_to_dreambooth
+    out = tmp_path / "sweep.json"
+    steps = "dreambooth.max_train_steps=3"
+    args = ["--root", str(repo), "--base", str(repo / "models/base"), "--prepared", str(repo / "data/prepared"),
+            "--class-images", str(repo / "data/class_images"), "--variant", "short", steps,
+            "--variant", "uncaptioned", steps, "sample_subject.captions=false", "class_images.num_class_images=4",
+            "--images-per-prompt", "1", "--class-images-per-variant", "2", "--out", str(out)]  # fmt: skip
+    assert dreambooth_sweep.main(args) == 0
+    rows = {row["variant"]: row for row in json.loads(out.read_text())}
+    assert list(rows) == ["base", "short", "uncaptioned"]
+    cfg = load_config(compose(tmp_path / "params.yaml", [], root=repo))
+    assert rows["short"]["class_images"] == cfg.class_images.num_class_images  # the clone's own
+    assert rows["short"]["captioned_photos"] > 0  # the clone's sample subject, with its scene captions
+    assert (rows["uncaptioned"]["class_images"], rows["uncaptioned"]["captioned_photos"]) == (4, 0)
+    for row in rows.values():
+        assert 0 <= row["subject_match"] <= 1 and 0 <= row["scene_fidelity"] <= 1, row
+    assert rows["short"]["train_s"] > 0 and rows["short"]["final_loss"] > 0
