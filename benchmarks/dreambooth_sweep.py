@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.lora_rank_sweep import COLUMNS, score
+from benchmarks.lora_rank_sweep import print_row, score
 from stages import class_images, dreambooth, prep, sample_subject
 from stages.compose import compose
 from stages.infer import Variant
@@ -154,7 +154,6 @@ def main(argv: list[str] | None = None) -> int:
         threads=max(1, torch.get_num_threads() // max(1, args.jobs)),
     )
     rows = []
-    print_header()
     with (
         tempfile.TemporaryDirectory() as work,
         ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool,
@@ -162,23 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         futures = [pool.submit(run_variant, n, o, inputs, work) for n, o in variants.items()]
         for future in futures:
             rows.append(future.result())
-            print_row(rows[-1])
+            print_row(rows[-1], header=len(rows) == 1, with_params=False)
             if args.out:
                 args.out.write_text(json.dumps(rows, indent=2) + "\n")
     return 0
-
-
-def print_header() -> None:
-    print(f"{'variant':<22}{'train_s':>8}" + "".join(f"{c[:13]:>14}" for c in COLUMNS), flush=True)
-
-
-def print_row(row: dict[str, object]) -> None:
-    """One line per variant, aligned."""
-    print(
-        f"{row['variant']:<22}{row['train_s']:>8.1f}"
-        + "".join(f"{row.get(c, float('nan')):>14.3f}" for c in COLUMNS),
-        flush=True,
-    )
 
 
 if __name__ == "__main__":

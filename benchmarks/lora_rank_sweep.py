@@ -141,11 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def print_row(row: dict[str, float | str], header: bool = False) -> None:
-    """One line per variant, aligned."""
+def print_row(row: dict[str, object], header: bool = False, with_params: bool = True) -> None:
+    """One line per variant, aligned (``with_params``: the adapter's parameter count after its name)."""
+    params_head = f"{'params':>8}" if with_params else ""
     if header:
-        print(f"{'variant':<22}{'params':>8}{'train_s':>8}" + "".join(f"{c[:13]:>14}" for c in COLUMNS))
-    params = f"{int(row.get('lora_params', 0)):>8}"
+        print(f"{'variant':<22}{params_head}{'train_s':>8}" + "".join(f"{c[:13]:>14}" for c in COLUMNS))
+    params = f"{int(row.get('lora_params', 0)):>8}" if with_params else ""
     print(
         f"{row['variant']:<22}{params}{row['train_s']:>8.1f}"
         + "".join(f"{row.get(c, float('nan')):>14.3f}" for c in COLUMNS),
