@@ -117,6 +117,18 @@ def test_stage_cli_prints_one_line_error(tiny_params: Path, tmp_path: Path, caps
     assert "takes one of base, prep, class_images" in capsys.readouterr().err
 
 
+def test_the_dispatcher_launches_exactly_the_stages_that_can_spread() -> None:
+    """``python -m stages`` launches early (before the stage's imports) exactly the stages whose own ``main`` passes
+    ``launch_module`` to stage_main: the two lists cannot drift apart."""
+    root = Path(stages_main.__file__).parent
+    spreading = {
+        name
+        for name in stages_main.TRACKED_STAGES
+        if f'launch_module="stages.{name}"' in (root / f"{name}.py").read_text()
+    }
+    assert spreading == stages_main.LAUNCHABLE_STAGES
+
+
 def test_tiny_default_never_loads_in_half_precision(tiny_cfg: PipelineConfig, tmp_path: Path) -> None:
     """The hand-set tiny VAE needs fp32 (its colour is a small offset fp16 rounds away); other models may use fp16."""
     base.run(tiny_cfg, tmp_path / "tiny", tmp_path / "r")
