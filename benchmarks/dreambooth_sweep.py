@@ -41,9 +41,11 @@ SAMPLE_SUBJECT_DIR = "data/sample_subject"  # data.instance_dir of the embedded 
 
 @dataclass(frozen=True)
 class SweepInputs:
-    """What every variant starts from: the project, an earlier `dvc repro`'s outputs, and the image counts."""
+    """What every variant starts from: the project and its composed config, an earlier `dvc repro`'s outputs, and
+    the image counts."""
 
     root: Path
+    workspace: PipelineConfig  # conf/ as it is: what the earlier outputs were made with
     base: Path
     prepared: Path
     class_images: Path
@@ -62,8 +64,9 @@ def parse_variants(specs: list[list[str]]) -> dict[str, list[str]]:
     return variants
 
 
-def photos_for(cfg: PipelineConfig, workspace: PipelineConfig, inputs: SweepInputs, work: Path) -> Path:
+def photos_for(cfg: PipelineConfig, inputs: SweepInputs, work: Path) -> Path:
     """The prepared photos the variant trains on: the workspace's, or made again where its overrides change them."""
+    workspace = inputs.workspace
     if (cfg.sample_subject, cfg.data, cfg.prep) == (workspace.sample_subject, workspace.data, workspace.prep):
         return inputs.prepared
     photos = Path(cfg.data.instance_dir)
@@ -76,8 +79,9 @@ def photos_for(cfg: PipelineConfig, workspace: PipelineConfig, inputs: SweepInpu
     return work / "prepared"
 
 
-def class_images_for(cfg: PipelineConfig, workspace: PipelineConfig, inputs: SweepInputs, work: Path) -> Path:
+def class_images_for(cfg: PipelineConfig, inputs: SweepInputs, work: Path) -> Path:
     """The class images: the workspace's, or made again where the variant changes their settings."""
+    workspace = inputs.workspace
     if cfg.class_images == workspace.class_images and cfg.data.class_prompt == workspace.data.class_prompt:
         return inputs.class_images
     class_images.run(cfg, inputs.base, work / "class_images", work / "class_reports")
@@ -89,7 +93,6 @@ def run_variant(name: str, overrides: list[str], inputs: SweepInputs, work_root:
     torch.set_num_threads(inputs.threads)
     work = Path(work_root) / name
     work.mkdir(parents=True)
-    workspace = load_config(compose(work / "workspace.yaml", [], root=inputs.root))
     cfg = load_config(compose(work / "params.yaml", overrides, root=inputs.root))
     cfg = replace(
         cfg,
@@ -100,17 +103,12 @@ def run_variant(name: str, overrides: list[str], inputs: SweepInputs, work_root:
             class_prompt_images=inputs.class_images_per_variant,
         ),
     )
-    loaded = load_reader(inputs.base / READER_DIR)
-    if loaded is None:
-        raise SystemExit(
-            f"{inputs.base / READER_DIR}: no attribute reader (run `dvc repro base` on the tiny profile)"
-        )
-    reader, info = loaded
+    reader, info = load_reader(inputs.base / READER_DIR)  # checked by main
     row: dict[str, object] = {"variant": name, "overrides": overrides}
     if name == "base":
         return row | {"train_s": 0.0} | score(cfg, Variant(name, inputs.base), work, reader, info["subject"])
-    prepared = photos_for(cfg, workspace, inputs, work)
-    classes = class_images_for(cfg, workspace, inputs, work)
+    prepared = photos_for(cfg, inputs, work)
+    classes = class_images_for(cfg, inputs, work)
     train = replace(cfg.dreambooth, validation_steps=cfg.dreambooth.max_train_steps + 1)
     paths = FinetunePaths(prepared, classes, work / "checkpoints", work / "reports")
     start = time.perf_counter()
@@ -144,8 +142,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON")
     args = parser.parse_args(argv)
     variants = {"base": [], **parse_variants(args.variant)}
+    if load_reader(args.base / READER_DIR) is None:
+        parser.error(
+            f"{args.base / READER_DIR}: no attribute reader (run `dvc repro base` on the tiny profile)"
+        )
+    root = args.root.resolve()
+    with tempfile.TemporaryDirectory() as tmp:
+        workspace = load_config(compose(Path(tmp) / "params.yaml", [], root=root))
     inputs = SweepInputs(
-        args.root.resolve(),
+        root,
+        workspace,
         args.base.resolve(),
         args.prepared.resolve(),
         args.class_images.resolve(),
