@@ -55,11 +55,14 @@ class SweepInputs:
 
 
 def parse_variants(specs: list[list[str]]) -> dict[str, list[str]]:
-    """``--variant NAME [KEY=VALUE ...]`` occurrences as {name: overrides}; names must be unique."""
+    """``--variant NAME [KEY=VALUE ...]`` occurrences as {name: overrides}; names must be unique and not "base"
+    (the base model's row)."""
     variants: dict[str, list[str]] = {}
     for name, *overrides in specs:
-        if name in variants or "=" in name:
-            raise SystemExit(f"--variant {name}: give each variant a unique name first, then its overrides")
+        if name in variants or name == "base" or "=" in name:
+            raise SystemExit(
+                f"--variant {name}: give each variant a unique name other than 'base' first, then its overrides"
+            )
         variants[name] = overrides
     return variants
 

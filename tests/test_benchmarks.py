@@ -43,3 +43,18 @@ def test_scaling_benchmark_on_two_cpu_processes(tmp_path: Path) -> None:
         assert row["n2_rate"] > 0 and row["n2_efficiency"] == pytest.approx(row["n2_speedup"] / 2), name
     assert "dreambooth_g1" in results["runs"]["1"]["training"]
     assert "dreambooth_g1" not in results["runs"]["2"]["training"]  # a global batch of 1 cannot be split in 2
+
+
+@pytest.mark.parametrize(
+    "specs",
+    [[["a", "x=1"], ["a"]], [["base", "dreambooth.seed=1"]], [["dreambooth.seed=1"]]],
+    ids=["twice", "base", "no-name"],
+)
+def test_dreambooth_sweep_refuses_variants_it_would_mix_up(specs: list[list[str]]) -> None:
+    """A repeated name, the base row's name, or an override where the name belongs would silently drop or
+    mislabel a variant: the benchmark stops naming it."""
+    from benchmarks.dreambooth_sweep import parse_variants
+
+    with pytest.raises(SystemExit, match="give each variant a unique name other than 'base'"):
+        parse_variants(specs)
+    assert parse_variants([["a", "x=1"], ["b"]]) == {"a": ["x=1"], "b": []}
