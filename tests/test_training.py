@@ -24,7 +24,7 @@ from stages.compose import compose
 from stages.lib import losses
 from stages.lib.config import to_flat_dict
 from stages.lib.errors import StageError
-from stages.lib.finetune import build_training_data
+from stages.lib.finetune import FinetunePaths, build_training_data
 from stages.lib.manifest import MANIFEST, Manifest
 from stages.lib.subject_metrics import nearest_subject_distance, sample_latents
 from stages.lib.train_data import encode_latents, load_instance_set
@@ -252,19 +252,26 @@ def test_lora_alpha_other_than_rank_survives_reload(world, trained) -> None:
     assert (adapter.r, adapter.lora_alpha) == (4, 8)
 
 
-def test_per_photo_captions_give_each_photo_its_own_prompt(world, tmp_path: Path) -> None:
-    """A caption in prep's manifest replaces data.instance_prompt for its photo (one embedding per photo); the
-    others keep the instance prompt."""
+def _captioned(world, tmp_path: Path, captions: dict[int, str]) -> tuple[FinetunePaths, int]:
+    """The world's prepared photos copied with ``captions`` (photo index -> caption) in their manifest, and how
+    many photos there are."""
     prepared = tmp_path / "prepared"
     shutil.copytree(world.prepared, prepared)
     manifest = Manifest.read(prepared / MANIFEST)
-    manifest.images[0].caption = "a photo of sks man face in a forest"
+    for index, caption in captions.items():
+        manifest.images[index].caption = caption
     manifest.write(prepared / MANIFEST)
-    paths = replace(world.paths("captions"), prepared_dir=prepared)
+    return replace(world.paths(tmp_path.name), prepared_dir=prepared), len(manifest.images)
+
+
+def test_per_photo_captions_give_each_photo_its_own_prompt(world, tmp_path: Path) -> None:
+    """A caption in prep's manifest replaces data.instance_prompt for its photo (one embedding per photo); the
+    others keep the instance prompt."""
+    paths, count = _captioned(world, tmp_path, {0: "a photo of sks man face in a forest"})
     pipe = _pipe(world.base_dir)
     data = build_training_data(pipe, world.cfg.dreambooth, world.cfg.data, paths)
     embeds = data.instance_embeds
-    assert embeds.shape[0] == len(manifest.images) > 2
+    assert embeds.shape[0] == count > 2
     single = build_training_data(pipe, world.cfg.dreambooth, world.cfg.data, world.paths("one_prompt"))
     assert single.instance_embeds.shape[0] == 1
     assert torch.equal(embeds[1], single.instance_embeds[0]) and torch.equal(embeds[2], embeds[1])
@@ -274,19 +281,16 @@ def test_per_photo_captions_give_each_photo_its_own_prompt(world, tmp_path: Path
 def test_held_out_photos_keep_their_captions(world, tmp_path: Path) -> None:
     """With validation_holdout the held-out photos are probed with their own captions (the val_loss prompt), the
     training photos with theirs."""
-    prepared = tmp_path / "prepared"
-    shutil.copytree(world.prepared, prepared)
-    manifest = Manifest.read(prepared / MANIFEST)
-    manifest.images[0].caption = "a photo of sks man face in a forest"
-    manifest.images[-1].caption = "a photo of sks man face in a kitchen"
-    manifest.write(prepared / MANIFEST)
-    paths = replace(world.paths("holdout_captions"), prepared_dir=prepared)
+    paths, count = _captioned(
+        world,
+        tmp_path,
+        {0: "a photo of sks man face in a forest", -1: "a photo of sks man face in a kitchen"},
+    )
     pipe = _pipe(world.base_dir)
     full = build_training_data(pipe, world.cfg.dreambooth, world.cfg.data, paths)
     held = build_training_data(
         pipe, replace(world.cfg.dreambooth, validation_holdout=1), world.cfg.data, paths
     )
-    count = len(manifest.images)
     assert held.instance_embeds.shape[0] == count - 1 and len(held.holdout.mean) == 1
     assert torch.equal(held.instance_embeds, full.instance_embeds[:-1])
     # the held-out photo's kitchen caption, not the instance prompt
