@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
-from tqdm.auto import tqdm
 
 from stages.lib.checkpoints import fingerprint, hash_files
 from stages.lib.cli import stage_main
@@ -29,6 +28,7 @@ from stages.lib.distributed import barrier, is_main_process, world
 from stages.lib.images import make_grid, save_image
 from stages.lib.models import load_pipeline, resolve_device
 from stages.lib.outputs import atomic_dir
+from stages.lib.sampling import Job, prepare_for_sampling, sample
 from stages.lib.schema import PipelineConfig
 from stages.lib.tracking import stage_run
 
@@ -71,11 +71,11 @@ def missing_indices(out_dir: Path, count: int) -> list[int]:
 
 
 def load_sampler(cfg: PipelineConfig, base_dir: Path) -> StableDiffusionPipeline:
-    """The base pipeline on this process's device (fp16 on CUDA), its progress bar off."""
+    """The base pipeline on this process's device (fp16 on CUDA) with ``compute``'s sampling levers."""
     device = resolve_device(cfg.compute)
     pipe = load_pipeline(base_dir, torch_dtype=torch.float16 if device.type == "cuda" else None).to(device)
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return prepare_for_sampling(pipe, cfg.compute)
 
 
 def generate(cfg: PipelineConfig, base_dir: Path, out_dir: Path, indices: list[int], resolution: int) -> None:
@@ -86,24 +86,23 @@ def generate(cfg: PipelineConfig, base_dir: Path, out_dir: Path, indices: list[i
 def write_images(
     pipe: StableDiffusionPipeline, cfg: PipelineConfig, out_dir: Path, indices: list[int], resolution: int
 ) -> None:
-    """Generate ``indices`` in batches of ``sample_batch_size``; one generator per image, seeded by its index."""
+    """Generate ``indices`` (``sample_batch_size`` per pipeline call); one generator per image, seeded by its
+    index; each file written atomically as soon as its batch is decoded."""
     c = cfg.class_images
-    batches = [indices[i : i + c.sample_batch_size] for i in range(0, len(indices), c.sample_batch_size)]
-    with tqdm(total=len(indices), desc="class images", unit="img", disable=not is_main_process()) as bar:
-        for batch in batches:
-            images = pipe(
-                [cfg.data.class_prompt] * len(batch),
-                num_inference_steps=c.num_inference_steps,
-                guidance_scale=c.guidance_scale,
-                height=resolution,
-                width=resolution,
-                generator=[torch.Generator().manual_seed(c.seed + i) for i in batch],
-            ).images
-            for index, image in zip(batch, images, strict=True):
-                tmp = out_dir / f".{image_name(index)}.tmp.png"
-                image.save(tmp)
-                tmp.rename(out_dir / image_name(index))
-            bar.update(len(batch))
+    jobs = [Job(cfg.data.class_prompt, c.seed + i, i, out_dir / image_name(i)) for i in indices]
+    sample(
+        pipe,
+        jobs,
+        height=resolution,
+        width=resolution,
+        num_inference_steps=c.num_inference_steps,
+        guidance_scale=c.guidance_scale,
+        batch_size=c.sample_batch_size,
+        batch_size_key="class_images.sample_batch_size",
+        keep_images=False,
+        desc="class images",
+        progress=is_main_process(),
+    )
 
 
 def publish(work_dir: Path, out_dir: Path, count: int) -> None:

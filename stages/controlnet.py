@@ -29,6 +29,7 @@ from stages.lib.errors import StageError
 from stages.lib.images import list_images, make_grid, save_image, to_rgb
 from stages.lib.models import load_pipeline, resolve_device
 from stages.lib.outputs import atomic_dir
+from stages.lib.sampling import Job, prepare_for_sampling, sample
 from stages.lib.schema import ControlNetConfig, PipelineConfig
 from stages.lib.tracking import stage_run
 from stages.lora import WEIGHT_NAME, featured_lora_dir
@@ -94,26 +95,30 @@ def generate(cfg: PipelineConfig, s: ControlNetConfig, paths: ControlPaths, cont
         paths.controlnet, torch_dtype=pipe.unet.dtype, local_files_only=True
     )
     check_compatible(net, pipe.unet, str(paths.controlnet))
-    cn_pipe = control_pipeline(pipe, net).to(device)
-    cn_pipe.set_progress_bar_config(disable=True)
+    cn_pipe = prepare_for_sampling(control_pipeline(pipe, net).to(device), cfg.compute)  # shares pipe's UNet
     i = cfg.infer
-    common = dict(height=i.height, width=i.width, num_inference_steps=i.num_inference_steps)
-    common.update(guidance_scale=i.guidance_scale)
     control = dict(controlnet_conditioning_scale=s.conditioning_scale, control_guidance_end=s.guidance_end)
     control.update(control_guidance_start=s.guidance_start)
 
-    def run(p, **extra) -> list[Image.Image]:
-        images = []
-        for start in range(0, len(controls), max(1, i.batch_size)):
-            n = len(controls[start : start + i.batch_size])
-            images += p(
-                [s.prompt] * n,
-                negative_prompt=[i.negative_prompt] * n if i.negative_prompt else None,
-                generator=[torch.Generator().manual_seed(i.seed + start + k) for k in range(n)],
-                **{k: v[start : start + n] if k == "image" else v for k, v in extra.items()},
-                **common,
-            ).images
-        return images
+    def run(p, image: list[Image.Image] | None = None, **control_kwargs) -> list[Image.Image]:
+        jobs = [
+            Job(s.prompt, i.seed + k, k, inputs={} if image is None else {"image": image[k]})
+            for k in range(len(controls))
+        ]
+        done = sample(
+            p,
+            jobs,
+            height=i.height,
+            width=i.width,
+            num_inference_steps=i.num_inference_steps,
+            guidance_scale=i.guidance_scale,
+            negative_prompt=i.negative_prompt,
+            batch_size=i.batch_size,
+            batch_size_key="infer.batch_size",
+            call_kwargs=control_kwargs,
+            desc="controlnet",
+        )
+        return [done[k].image for k in range(len(controls))]
 
     out = {"dreambooth": run(cn_pipe, image=controls, **control), "without_controlnet": run(pipe)}
     cn_pipe.load_lora_weights(lora_dir)  # into the shared UNet

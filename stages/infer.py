@@ -32,6 +32,7 @@ from stages.lib.inference import (
 )
 from stages.lib.models import load_pipeline, resolve_device
 from stages.lib.outputs import atomic_dir
+from stages.lib.sampling import prepare_for_sampling
 from stages.lib.schema import PipelineConfig
 from stages.lib.tracking import StageTracker, stage_run
 from stages.lora import WEIGHT_NAME, featured_lora_dir
@@ -129,12 +130,13 @@ def _sample_prompts(
 
 
 def generate_variants(cfg: PipelineConfig, variants: list[Variant], out_dir: Path) -> dict[str, Generation]:
-    """Load each pipeline once (fp16 on CUDA) and sample its variants; results in ``variants`` order."""
+    """Load each pipeline once (fp16 on CUDA, with ``compute``'s sampling levers) and sample its variants;
+    results in ``variants`` order."""
     device = resolve_device(cfg.compute)
     dtype = torch.float16 if device.type == "cuda" else None
     results: dict[str, Generation] = {}
     for folder in dict.fromkeys(v.pipeline for v in variants):
-        pipe = load_pipeline(folder, torch_dtype=dtype).to(device)
+        pipe = prepare_for_sampling(load_pipeline(folder, torch_dtype=dtype).to(device), cfg.compute)
         for variant in (v for v in variants if v.pipeline == folder):
             results[variant.name] = _sample(pipe, variant, cfg, out_dir)
         del pipe

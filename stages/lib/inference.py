@@ -20,10 +20,10 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from stages.lib.errors import StageError
-from stages.lib.images import make_grid, save_image
+from stages.lib.images import make_grid
+from stages.lib.sampling import AUTO, Job, Sample, sample
 
 SEED_STRIDE = 1000  # image i of prompt p uses seed + p * SEED_STRIDE + i
 LATENTS_FILE = "latents.safetensors"
@@ -120,33 +120,27 @@ def using_scheduler(pipe: StableDiffusionPipeline, name: str) -> Iterator[None]:
         pipe.scheduler = original
 
 
-@torch.no_grad()
-def _sample_batch(
-    pipe: StableDiffusionPipeline, prompts: list[str], seeds: list[int], negative_prompt: str, **call: object
-) -> tuple[torch.Tensor, list[Image.Image]]:
-    """One pipeline call (``call``: height, width, steps, guidance): unscaled latents and decoded images."""
-    latents = pipe(
-        prompts,
-        negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
-        generator=[torch.Generator().manual_seed(seed) for seed in seeds],
-        output_type="latent",
-        **call,
-    ).images
-    unscaled = latents / pipe.vae.config.scaling_factor
-    decoded = pipe.vae.decode(unscaled.to(pipe.vae.dtype), return_dict=False)[0]
-    images = pipe.image_processor.postprocess(decoded, output_type="pil")
-    return unscaled.float().cpu(), images
+def _jobs(
+    prompts: list[str], seed: int, count: int, folder: Path | None, slugs: list[str] | None = None
+) -> list[Job]:
+    """Image ``i`` of prompt ``p``: seed ``image_seed(seed, p, i)``, key ``(p, i)``, file ``<folder>/<slug>/``."""
+    return [
+        Job(
+            prompt,
+            image_seed(seed, p, i),
+            (p, i),
+            None if folder is None else folder / (slugs[p] if slugs else "") / image_name(i),
+        )
+        for p, prompt in enumerate(prompts)
+        for i in range(count)
+    ]
 
 
-def _write(result: Generation, slugs: dict[str, str], variant_dir: Path) -> None:
-    """PNGs under ``<variant_dir>/<slug>/`` and all latents in one safetensors file."""
-    tensors = {}
-    for prompt, images in result.images.items():
-        folder = variant_dir / slugs[prompt]
-        result.files[prompt] = [save_image(im, folder / image_name(i)) for i, im in enumerate(images)]
-        for i, latent in enumerate(result.latents[prompt]):
-            tensors[f"{slugs[prompt]}/{i:02d}"] = latent.contiguous()
-    save_file(tensors, variant_dir / LATENTS_FILE)
+def _sample(
+    pipe: StableDiffusionPipeline, jobs: list[Job], scheduler: str, batch_size: int | str, **settings: Any
+) -> dict[Any, Sample]:
+    with using_scheduler(pipe, scheduler):
+        return sample(pipe, jobs, batch_size=batch_size, batch_size_key="infer.batch_size", **settings)
 
 
 def generate(
@@ -161,67 +155,84 @@ def generate(
     num_inference_steps: int = 30,
     guidance_scale: float = 7.5,
     scheduler: str = "",
-    batch_size: int = 8,
+    batch_size: int | str = AUTO,
     out_dir: Path | None = None,
     variant: str = "model",
 ) -> Generation:
-    """Generate ``num_images_per_prompt`` images per prompt, ``batch_size`` images per pipeline call.
+    """Generate ``num_images_per_prompt`` images per prompt, ``batch_size`` images per pipeline call (``auto``
+    or an int; prompts mixed in a call; the images do not depend on it).
 
     ``scheduler`` names a diffusers scheduler class built from the pipeline's scheduler config ('' keeps it).
     With ``out_dir``, also write ``<out_dir>/<variant>/<slug>/<i:02d>.png`` and the variant's latents file.
     """
     prompts = list(prompts)
-    _check_request(prompts, num_images_per_prompt, batch_size)
-    jobs = [(p, i) for p in range(len(prompts)) for i in range(num_images_per_prompt)]
-    batches = [jobs[k : k + batch_size] for k in range(0, len(jobs), batch_size)]
-    call = {
-        "height": height,
-        "width": width,
-        "num_inference_steps": num_inference_steps,
-        "guidance_scale": guidance_scale,
-    }
-    result = Generation(images={p: [] for p in prompts}, seeds={p: [] for p in prompts})
-    latents: dict[str, list[torch.Tensor]] = {prompt: [] for prompt in prompts}
-    pipe.set_progress_bar_config(disable=True)
-    with using_scheduler(pipe, scheduler):
-        for batch in tqdm(batches, desc=f"infer {variant}", unit="batch"):
-            batch_prompts = [prompts[p] for p, _ in batch]
-            seeds = [image_seed(seed, p, i) for p, i in batch]
-            batch_latents, images = _sample_batch(pipe, batch_prompts, seeds, negative_prompt, **call)
-            for prompt, s, latent, image in zip(batch_prompts, seeds, batch_latents, images, strict=True):
-                result.images[prompt].append(image)
-                result.seeds[prompt].append(s)
-                latents[prompt].append(latent)
+    _check_request(prompts, num_images_per_prompt)
+    slugs = prompt_slugs(prompts)
+    folder = None if out_dir is None else Path(out_dir) / variant
+    jobs = _jobs(prompts, seed, num_images_per_prompt, folder, slugs)
+    samples = _sample(
+        pipe,
+        jobs,
+        scheduler,
+        batch_size,
+        negative_prompt=negative_prompt,
+        height=height,
+        width=width,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        keep_latents=True,
+        desc=f"infer {variant}",
+    )
+    result = Generation(
+        images={p: [] for p in prompts}, seeds={p: [] for p in prompts}, files={p: [] for p in prompts}
+    )
+    latents: dict[str, list[torch.Tensor]] = {p: [] for p in prompts}
+    for job in jobs:
+        prompt, done = prompts[job.key[0]], samples[job.key]
+        result.images[prompt].append(done.image)
+        result.seeds[prompt].append(job.seed)
+        latents[prompt].append(done.latent)
+        if job.path is not None:
+            result.files[prompt].append(job.path)
     result.latents = {prompt: torch.stack(items) for prompt, items in latents.items()}
-    if out_dir is not None:
-        _write(result, dict(zip(prompts, prompt_slugs(prompts), strict=True)), Path(out_dir) / variant)
+    if folder is None:
+        result.files = {}
+    else:
+        tensors = {
+            f"{slug}/{i:02d}": latent.contiguous()
+            for prompt, slug in zip(prompts, slugs, strict=True)
+            for i, latent in enumerate(result.latents[prompt])
+        }
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, folder / LATENTS_FILE)
     return result
 
 
 def generate_class_probe(
     pipe: StableDiffusionPipeline, class_prompt: str, count: int, variant_dir: Path, **sampling: Any
 ) -> list[Path]:
-    """``count`` seeded images of the class prompt into ``<variant_dir>/class_prompt/`` (seeds after the prompts')."""
-    sampling = {**sampling, "num_images_per_prompt": count, "seed": int(sampling["seed"]) + CLASS_PROBE_SEED}
-    result = generate(pipe, [class_prompt], variant=f"{variant_dir.name} class prompt", **sampling)
-    return [
-        save_image(im, variant_dir / CLASS_PROBE_DIR / image_name(i))
-        for i, im in enumerate(result.images[class_prompt])
-    ]
+    """``count`` seeded images of the class prompt into ``<variant_dir>/class_prompt/`` (seeds after the prompts';
+    ``sampling``: :func:`generate`'s settings, ``num_images_per_prompt`` aside)."""
+    _check_request([class_prompt], count)
+    settings = {k: v for k, v in sampling.items() if k not in ("seed", "num_images_per_prompt")}
+    settings.setdefault("scheduler", "")
+    settings.setdefault("batch_size", AUTO)
+    jobs = _jobs(
+        [class_prompt], int(sampling["seed"]) + CLASS_PROBE_SEED, count, variant_dir / CLASS_PROBE_DIR
+    )
+    _sample(pipe, jobs, keep_images=False, desc=f"{variant_dir.name} class prompt", **settings)
+    return [job.path for job in jobs if job.path is not None]
 
 
-def _check_request(prompts: list[str], num_images_per_prompt: int, batch_size: int) -> None:
+def _check_request(prompts: list[str], num_images_per_prompt: int) -> None:
     """Refuse requests whose images could not be named or seeded unambiguously."""
     if not prompts:
         raise StageError("infer.prompts is empty: give at least one prompt")
     duplicates = sorted({p for p in prompts if prompts.count(p) > 1})
     if duplicates:
         raise StageError(f"infer.prompts lists {duplicates} more than once; remove the duplicates")
-    if not 1 <= num_images_per_prompt <= SEED_STRIDE or batch_size < 1:
-        raise StageError(
-            f"infer.num_images_per_prompt={num_images_per_prompt} must be in 1..{SEED_STRIDE} and "
-            f"infer.batch_size={batch_size} at least 1"
-        )
+    if not 1 <= num_images_per_prompt <= SEED_STRIDE:
+        raise StageError(f"infer.num_images_per_prompt={num_images_per_prompt} must be in 1..{SEED_STRIDE}")
 
 
 @dataclass
