@@ -130,6 +130,7 @@ def train_controlnet(
         denoiser=ControlledUNet(controlnet, pipe.unet),
         conditioning=conditioning(s),
         validate_images=validation_hook(pipe, controlnet, s, paths, tracker),
+        compute=cfg.compute,
     )
     if is_main_process():  # the other processes of a multi-process run hold the same weights
         with atomic_dir(out_dir) as tmp:

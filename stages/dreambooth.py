@@ -41,6 +41,7 @@ def run(cfg: PipelineConfig, base_dir: Path, out_dir: Path, paths: FinetunePaths
             paths,
             tracker,
             identity={"base": hash_files([base_dir])},
+            compute=cfg.compute,
         )
         if is_main_process():  # the other processes of a multi-process run hold the same weights
             pipe.to("cpu", torch.float32) if pipe.vae.dtype != torch.float32 else pipe.to("cpu")

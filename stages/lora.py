@@ -78,7 +78,9 @@ def run(
             "targets": list(cfg.lora.target_modules),
             "dreambooth": hash_files([dreambooth_dir]),
         }
-        result = finetune(f"lora_r{rank}", train, cfg.data, pipe, params, paths, tracker, identity)
+        result = finetune(
+            f"lora_r{rank}", train, cfg.data, pipe, params, paths, tracker, identity, compute=cfg.compute
+        )
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
         if is_main_process():
             with atomic_dir(out_dir) as tmp:

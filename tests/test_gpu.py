@@ -4,6 +4,7 @@ bf16/fp16 autocast with fp32 master weights, fp16 class-image sampling."""
 from __future__ import annotations
 
 import copy
+import csv
 import warnings
 
 import pytest
@@ -53,7 +54,7 @@ def test_dreambooth_bf16_adamw8bit_on_cuda(world: TinyWorld, optimizer_types: li
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no 8-bit fallback on CUDA
         metrics = dreambooth.run(world.cfg, world.base_dir, out, world.paths("db"))
-    assert optimizer_types and optimizer_types[0].startswith("bitsandbytes"), optimizer_types
+    assert optimizer_types == ["stages.lib.flat_adamw8bit.FlatAdamW8bit"], optimizer_types
     assert metrics["val_loss"] < 0.5 * metrics["val_loss_start"], metrics
     assert metrics["peak_memory_mb"] > 0
     weights = load_file(out / "unet/diffusion_pytorch_model.safetensors")
@@ -92,3 +93,60 @@ def test_infer_fp16_on_cuda_is_seeded(world: TinyWorld) -> None:
         outs.append(sorted((world.root / f"infer_{name}").rglob("*.png")))
     assert outs[0] and [p.name for p in outs[0]] == [p.name for p in outs[1]]
     assert all(a.read_bytes() == b.read_bytes() for a, b in zip(*outs, strict=True)), "same seed, same images"
+
+
+def test_bitsandbytes_when_the_flat_optimizer_is_off(world: TinyWorld, optimizer_types: list[str]) -> None:
+    cfg = copy.deepcopy(world.cfg)
+    cfg.compute.flat_optimizer = False
+    cfg.dreambooth.max_train_steps = 5
+    dreambooth.run(cfg, world.base_dir, world.root / "db_bnb", world.paths("db_bnb"))
+    assert optimizer_types and optimizer_types[0].startswith("bitsandbytes"), optimizer_types
+
+
+def _trained(world: TinyWorld, name: str, compute: dict, steps: int = 30) -> tuple[dict, dict]:
+    cfg = copy.deepcopy(world.cfg)
+    for key, value in compute.items():
+        setattr(cfg.compute, key, value)
+    cfg.dreambooth.max_train_steps = steps
+    cfg.dreambooth.checkpointing_steps = 10
+    out = world.root / name
+    metrics = dreambooth.run(cfg, world.base_dir, out, world.paths(name))
+    losses = {
+        int(r["step"]): float(r["loss"])
+        for r in csv.DictReader((world.root / "reports" / name / "loss.csv").open())
+    }
+    return load_file(out / "unet/diffusion_pytorch_model.safetensors"), {"metrics": metrics, "losses": losses}
+
+
+def test_captured_step_trains_like_the_eager_step(world: TinyWorld) -> None:
+    """The CUDA-graph step (flat 8-bit AdamW) against the eager step with the same flat optimizer and against
+    bitsandbytes: the same first loss on the same batch (bf16 tolerance), the same weights after 30 steps up to
+    the optimizers' 8-bit rounding."""
+    base = load_file(world.base_dir / "unet/diffusion_pytorch_model.safetensors")
+    graphed, g = _trained(world, "graphed", {})
+    eager_flat, ef = _trained(world, "eager_flat", {"cuda_graphs": False})
+    eager_bnb, eb = _trained(world, "eager_bnb", {"cuda_graphs": False, "flat_optimizer": False})
+    assert sorted(g["losses"]) == list(range(1, 31))
+    assert g["losses"][1] == pytest.approx(ef["losses"][1], rel=2e-2)
+    assert g["losses"][1] == pytest.approx(eb["losses"][1], rel=2e-2)
+
+    def rel(a: dict, b: dict) -> float:
+        diff = sum(float((a[k].float() - b[k].float()).norm() ** 2) for k in a) ** 0.5
+        update = sum(float((b[k].float() - base[k].float()).norm() ** 2) for k in b) ** 0.5
+        return diff / update
+
+    assert rel(graphed, eager_flat) < 0.05, "graph capture changes no arithmetic beyond bf16 noise"
+    assert rel(graphed, eager_bnb) < 0.25, "flat 8-bit AdamW tracks bitsandbytes' AdamW8bit"
+    assert g["metrics"]["val_loss"] < g["metrics"]["val_loss_start"]
+
+
+def test_captured_step_refuses_a_non_finite_loss(world: TinyWorld) -> None:
+    from stages.lib.training import NonFiniteLossError
+
+    cfg = copy.deepcopy(world.cfg)
+    cfg.dreambooth.learning_rate = 1e30
+    cfg.dreambooth.max_grad_norm = 0.0
+    cfg.dreambooth.max_train_steps = 20
+    with pytest.raises(NonFiniteLossError, match="non-finite loss .* at step"):
+        dreambooth.run(cfg, world.base_dir, world.root / "nan", world.paths("nan"))
+    assert not (world.root / "nan").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,17 @@ def hash_files(paths: list[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
+def _to_cpu(obj: Any) -> Any:
+    """A copy of ``obj`` with every tensor copied to the CPU (nested dicts, lists and tuples kept)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
 @dataclass
 class CheckpointState:
     """What a checkpoint restores."""
@@ -52,6 +64,8 @@ class CheckpointStore:
         self.root = Path(root)
         self.fingerprint = fingerprint_
         self.limit = max(1, limit)
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: list[Future[Path]] = []
 
     def _complete(self) -> list[Path]:
         if not self.root.is_dir():
@@ -76,6 +90,22 @@ class CheckpointStore:
         for path in self.root.iterdir():
             if path not in keep:
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
+
+    def save_in_background(self, state: CheckpointState) -> Future[Path]:
+        """Snapshot ``state`` to the CPU now (training may go on changing the originals), write it in a background
+        thread; one write at a time, in order. :meth:`wait` returns once everything handed over is on disk."""
+        snapshot = CheckpointState(state.step, _to_cpu(state.tensors), _to_cpu(state.optimizer),
+                                   _to_cpu(state.lr_scheduler), state.extra)  # fmt: skip
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        future = self._writer.submit(self.save, snapshot)
+        self._pending.append(future)
+        return future
+
+    def wait(self) -> list[Path]:
+        """Block until every background write has finished; re-raise the first error."""
+        pending, self._pending = self._pending, []
+        return [future.result() for future in pending]
 
     def save(self, state: CheckpointState) -> Path:
         """Write a checkpoint atomically, then prune to the newest ``limit``."""

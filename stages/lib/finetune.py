@@ -15,7 +15,7 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from stages.lib.checkpoints import CheckpointStore, fingerprint, hash_files
 from stages.lib.images import make_grid, save_image
 from stages.lib.models import allows_half_precision
-from stages.lib.schema import DataConfig, TrainConfig
+from stages.lib.schema import ComputeConfig, DataConfig, TrainConfig
 from stages.lib.tracking import StageTracker
 from stages.lib.train_data import (
     encode_latents,
@@ -85,6 +85,35 @@ def place_frozen_modules(pipe: StableDiffusionPipeline, cfg: TrainConfig, device
     pipe.unet.to(device)
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
+
+
+def half_frozen_layers(module: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Store the frozen Linear and Conv2d weights of ``module`` in ``dtype`` (the autocast dtype); returns how many.
+
+    Under autocast these layers compute in ``dtype`` anyway, so the result is unchanged and the per-step casts of
+    the frozen weights disappear. Norm layers (autocast runs them in float32) and trained parameters keep float32.
+    """
+    count = 0
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.Linear | torch.nn.Conv2d):
+            for p in layer.parameters(recurse=False):
+                if not p.requires_grad and p.dtype == torch.float32:
+                    p.data = p.data.to(dtype)
+                    count += 1
+    return count
+
+
+def apply_training_levers(
+    denoiser: torch.nn.Module, cfg: TrainConfig, compute: ComputeConfig, device: torch.device
+) -> None:
+    """The layout levers of ``compute`` on CUDA (before the optimizer packs the trained weights): frozen layers
+    in bf16 under bf16 autocast, convolutions channels-last. Neither changes what is computed beyond rounding."""
+    if device.type != "cuda":
+        return
+    if cfg.mixed_precision == "bf16" and compute.half_frozen_weights:
+        half_frozen_layers(denoiser, torch.bfloat16)
+    if compute.channels_last:
+        denoiser.to(memory_format=torch.channels_last)
 
 
 Conditioning = Callable[[torch.Tensor], torch.Tensor]  # images in [-1, 1] (N, 3, H, W) -> maps (N, C, H, W)
@@ -207,14 +236,18 @@ def finetune(
     denoiser: torch.nn.Module | None = None,
     conditioning: Conditioning | None = None,
     validate_images: Callable[[int], None] | None = None,
+    compute: ComputeConfig | None = None,
 ) -> TrainResult:
     """Run the shared loop over ``params`` of ``pipe.unet``; ``identity`` adds stage-specific fingerprint parts.
 
+    ``compute`` carries the speed levers (CUDA graphs, the flat 8-bit optimizer).
     ControlNet training passes ``denoiser`` (a ControlNet steering ``pipe.unet``), ``conditioning`` (image ->
     conditioning map) and its own ``validate_images`` hook (default: samples of ``pipe``).
     """
     device = pipe.unet.device
     accelerator = accelerator_for(cfg, device)
+    compute = compute or ComputeConfig()
+    apply_training_levers(denoiser if denoiser is not None else pipe.unet, cfg, compute, device)
     data = build_training_data(pipe, cfg, data_cfg, paths, conditioning)
     inputs = [paths.prepared_dir] + ([paths.class_dir] if paths.class_dir else [])
     store = CheckpointStore(
@@ -235,6 +268,7 @@ def finetune(
         tracker,
         accelerator,
         validate_images=hook if accelerator.is_main_process else None,
+        compute=compute,
     )
     result = trainer.run()
     if accelerator.is_main_process:

@@ -55,13 +55,37 @@ def _adam_kwargs(cfg: TrainConfig) -> dict[str, object]:
     }
 
 
+def _flat_adamw8bit(params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device):
+    """One-kernel 8-bit AdamW over a flat parameter buffer, or None (with the reason logged) where it cannot run."""
+    from stages.lib.flat_adamw8bit import FlatAdamW8bit, flat_adamw8bit_available
+
+    usable, reason = flat_adamw8bit_available(device)
+    if not usable:
+        log.warning(
+            "optimizer=adamw8bit: the flat 8-bit kernel is unavailable (%s); using bitsandbytes", reason
+        )
+        return None
+    kwargs = _adam_kwargs(cfg)
+    try:  # builds (and on CUDA compiles and launches once) the kernel
+        return FlatAdamW8bit(params, lr=kwargs["lr"], betas=kwargs["betas"], eps=kwargs["eps"],
+                             weight_decay=kwargs["weight_decay"])  # fmt: skip
+    except (
+        Exception
+    ) as err:  # a kernel that fails to build here must not stop training: bitsandbytes still can
+        log.warning("optimizer=adamw8bit: the flat 8-bit kernel failed (%s); using bitsandbytes", err)
+        return None
+
+
 def make_optimizer(
-    params: Iterable[torch.nn.Parameter], cfg: TrainConfig, device: torch.device
+    params: Iterable[torch.nn.Parameter], cfg: TrainConfig, device: torch.device, flat: bool = False
 ) -> torch.optim.Optimizer:
-    """Build ``cfg.optimizer`` over ``params``."""
+    """Build ``cfg.optimizer`` over ``params``; ``flat`` (CUDA, compute.flat_optimizer) makes adamw8bit one
+    kernel over a flat parameter buffer (:mod:`stages.lib.flat_adamw8bit`) instead of bitsandbytes' per-tensor
+    steps."""
     params = list(params)
     if cfg.optimizer == "adamw8bit":
-        return _adamw8bit(params, cfg, device)
+        optimizer = _flat_adamw8bit(params, cfg, device) if flat and device.type == "cuda" else None
+        return optimizer or _adamw8bit(params, cfg, device)
     if cfg.optimizer == "adamw":
         return _torch_adamw(params, cfg, device)
     if cfg.optimizer == "prodigy":

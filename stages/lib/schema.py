@@ -155,10 +155,17 @@ class ClassImagesConfig:
     """Prior-preservation images of the class prompt, generated with the base model."""
 
     num_class_images: int = 500
-    sample_batch_size: int = 4
+    # images per pipeline call: auto (CUDA: the largest that fits, up to 32; CPU: see stages/lib/sampling.py) or
+    # a positive integer; the images do not depend on it
+    sample_batch_size: str = "auto"
     num_inference_steps: int = 50
     guidance_scale: float = 7.5
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        from stages.lib.batch_size import parse_batch_size
+
+        parse_batch_size(self.sample_batch_size, "class_images.sample_batch_size")
 
 
 @dataclass
@@ -219,8 +226,14 @@ class InferConfig:
     all_ranks: bool = (
         True  # the "lora" variant: every rank in lora.ranks (False: only the featured lora.rank)
     )
-    batch_size: int = 8  # images per pipeline call (prompts are batched)
+    # images per pipeline call, prompts mixed: auto (as class_images.sample_batch_size) or a positive integer
+    batch_size: str = "auto"
     class_prompt_images: int = 4  # per variant, of data.class_prompt: language drift and class diversity
+
+    def __post_init__(self) -> None:
+        from stages.lib.batch_size import parse_batch_size
+
+        parse_batch_size(self.batch_size, "infer.batch_size")
 
 
 @dataclass
@@ -272,6 +285,16 @@ class ComputeConfig:
     device: str = "auto"  # auto | cpu | cuda
     num_processes: int = 1
     num_threads: int = 0  # 0 leaves torch's default
+    # Speed levers, used on CUDA only; none changes what is computed beyond float rounding (benchmarks/speed.py
+    # checks each against the plain path). Switch one off to compare or to work around a driver problem.
+    cuda_graphs: bool = True  # the training step (forward, backward, optimizer) replayed as one CUDA graph
+    flat_optimizer: bool = True  # adamw8bit as one kernel over a flat parameter buffer (8-bit states)
+    channels_last: bool = True  # UNet and VAE convolutions in NHWC memory layout
+    half_frozen_weights: bool = (
+        True  # frozen Linear/Conv weights (LoRA, ControlNet) kept in bf16: no per-step casts
+    )
+    fuse_qkv: bool = True  # attention q/k/v projections as one matmul when sampling
+    compile_unet: bool = False  # torch.compile the sampler's UNet (first compile minutes; cached on disk)
 
 
 @dataclass

@@ -11,6 +11,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
@@ -22,9 +23,10 @@ from tqdm.auto import tqdm
 
 from stages.lib.checkpoints import CheckpointState, CheckpointStore
 from stages.lib.errors import StageError
+from stages.lib.graphed_step import GraphedStep, StepDraw
 from stages.lib.losses import diffusion_target, min_snr_weights, per_sample_mse, sample_noise
 from stages.lib.optim import make_lr_scheduler, make_optimizer
-from stages.lib.schema import TrainConfig
+from stages.lib.schema import ComputeConfig, TrainConfig
 from stages.lib.tracking import StageTracker
 from stages.lib.train_data import LatentCache
 
@@ -156,6 +158,15 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
+def segments(start: int, total: int, *every: int) -> list[tuple[int, int]]:
+    """``[start, total)`` cut at the multiples of each of ``every`` (validation and checkpoint steps)."""
+    if start >= total:
+        return []
+    cuts = sorted({total, *(s for n in every for s in range(n, total, n) if s > start)})
+    bounds = [start, *cuts]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
 def accelerator_for(cfg: TrainConfig, device: torch.device) -> Accelerator:
     """bf16/fp16 autocast with fp32 master weights on CUDA; plain fp32 on CPU."""
     mixed = cfg.mixed_precision if device.type == "cuda" else "no"
@@ -163,6 +174,31 @@ def accelerator_for(cfg: TrainConfig, device: torch.device) -> Accelerator:
     # ask for another precision. The distributed (partial) state is kept.
     AcceleratorState._reset_state()
     return Accelerator(mixed_precision=mixed, cpu=device.type == "cpu")
+
+
+def graph_blocker(
+    cfg: TrainConfig,
+    compute: ComputeConfig,
+    device: torch.device,
+    world: int,
+    optimizer: torch.optim.Optimizer,
+) -> str | None:
+    """Why the training step cannot run as one CUDA graph here, or None when it can."""
+    reasons = [
+        (device.type != "cuda", f"the device is {device.type}"),
+        (not compute.cuda_graphs, "compute.cuda_graphs is false"),
+        (world > 1, f"{world} processes (graphs serve one process)"),
+        (cfg.mixed_precision == "fp16", "fp16 mixed precision needs a loss scaler (use bf16)"),
+        (cfg.train_text_encoder, "the text encoder trains"),
+        (cfg.gradient_checkpointing, "gradient checkpointing is on"),
+    ]
+    why = next((why for blocked, why in reasons if blocked), None)
+    if why is None:
+        from stages.lib.flat_adamw8bit import FlatAdamW8bit  # CUDA only: imported where it can be used
+
+        if not isinstance(optimizer, FlatAdamW8bit):
+            why = f"optimizer={cfg.optimizer} (a captured step needs the flat adamw8bit)"
+    return why
 
 
 class DiffusionTrainer:
@@ -179,26 +215,34 @@ class DiffusionTrainer:
         tracker: StageTracker,
         accelerator: Accelerator,
         validate_images: Callable[[int], None] | None = None,
+        compute: ComputeConfig | None = None,
     ) -> None:
         self.cfg, self.unet, self.scheduler, self.data = cfg, unet, noise_scheduler, data
         self.params, self.store, self.tracker, self.acc = params, store, tracker, accelerator
         self.validate_images = validate_images
         self.device = accelerator.device
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
-        self.optimizer = make_optimizer(params.values(), cfg, self.device)
+        compute = compute or ComputeConfig()
+        flat = compute.flat_optimizer and self.device.type == "cuda" and self.world == 1
+        self.optimizer = make_optimizer(params.values(), cfg, self.device, flat=flat)
         self.lr_scheduler = make_lr_scheduler(self.optimizer, cfg)
         self.ema = EMAModel(list(params.values()), decay=cfg.ema_decay, foreach=True) if cfg.use_ema else None
+        self.graph_blocker = graph_blocker(cfg, compute, self.device, self.world, self.optimizer)
+        self.graphed: GraphedStep | None = None
         if data.text_encoder is not None:
             data.text_encoder = accelerator.prepare(data.text_encoder)
-        self.unet, self.optimizer, self.lr_scheduler = accelerator.prepare(
-            self.unet, self.optimizer, self.lr_scheduler
-        )
+        if self.graph_blocker is not None:  # else one process in bf16 or fp32: nothing for accelerate to wrap
+            if self.device.type == "cuda":
+                log.info("training step not captured as a CUDA graph: %s", self.graph_blocker)
+            self.unet, self.optimizer, self.lr_scheduler = accelerator.prepare(
+                self.unet, self.optimizer, self.lr_scheduler
+            )
         self.history: list[dict[str, float]] = []
         self.validation: list[dict[str, float]] = []
 
     # -- one step -------------------------------------------------------------------------------------------
-    def _batch(self, step: int) -> Batch:
-        """The global batch of one step (train_batch_size per process, instance rows first, then prior).
+    def _draw(self, step: int) -> StepDraw:
+        """The random draws of one step's global batch (train_batch_size per process), on the host.
 
         Every process draws the same global batch from the step's generator and keeps its own rows, so N
         processes of batch b train like one process of batch N*b.
@@ -206,43 +250,55 @@ class DiffusionTrainer:
         g = step_generator(self.cfg.seed, step)
         bs = self.cfg.train_batch_size * self.world
         inst = torch.randint(len(self.data.instance), (bs,), generator=g)
-        parts = [(self.data.instance, inst, "instance")]
+        prior = None
+        caches = [self.data.instance]
         if self.data.prior is not None:
             prior = torch.randint(len(self.data.prior), (bs,), generator=g)
-            parts.append((self.data.prior, prior, "class"))
+            caches.append(self.data.prior)
+        latent_noise = [torch.randn((bs, *cache.mean.shape[1:]), generator=g) for cache in caches]
+        rows = bs * len(caches)
+        noise = sample_noise((rows, *latent_noise[0].shape[1:]), g, self.cfg.noise_offset)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (rows,), generator=g)
+        return StepDraw(inst, prior, latent_noise, noise, t)
+
+    def _assemble(self, d: StepDraw) -> Batch:
+        """The batch of draws ``d`` (on the device): instance rows first, then prior rows."""
+        bs = d.instance_index.shape[0]
+        parts = [(self.data.instance, d.instance_index, "instance")]
+        if d.prior_index is not None:
+            parts.append((self.data.prior, d.prior_index, "class"))
         latents, embeds = [], []
-        for cache, idx, kind in parts:
-            latent_noise = torch.randn((bs, *cache.mean.shape[1:]), generator=g).to(self.device)
-            latents.append(cache.sample(idx.to(self.device), latent_noise))
+        for (cache, idx, kind), latent_noise in zip(parts, d.latent_noise, strict=True):
+            latents.append(cache.sample(idx, latent_noise))
             embeds.append(self.data.rows(kind, idx))
         x0 = torch.cat(latents)
-        noise = sample_noise(tuple(x0.shape), g, self.cfg.noise_offset).to(self.device)
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (x0.shape[0],), generator=g).to(
-            self.device
-        )
         weights = None
         if self.data.instance_weights is not None:
-            ones = torch.ones((x0.shape[0] - bs, *self.data.instance_weights.shape[1:]), device=self.device)
-            weights = torch.cat([self.data.instance_weights[inst.to(self.device)], ones])
+            ones = torch.ones((x0.shape[0] - bs, *self.data.instance_weights.shape[1:]), device=x0.device)
+            weights = torch.cat([self.data.instance_weights[d.instance_index], ones])
         cond = None
         if self.data.cond:  # the conditioning image of each drawn row: no extra random draws
-            rows = [self.data.cond["instance"][inst.to(self.device)]]
-            if self.data.prior is not None:
-                rows.append(self.data.cond["class"][prior.to(self.device)])
+            rows = [self.data.cond["instance"][d.instance_index]]
+            if d.prior_index is not None:
+                rows.append(self.data.cond["class"][d.prior_index])
             cond = torch.cat(rows)
         return Batch(
-            noisy=self.scheduler.add_noise(x0, noise, t),
-            target=diffusion_target(self.scheduler, x0, noise, t),
-            timesteps=t,
+            noisy=self.scheduler.add_noise(x0, d.noise, d.timesteps),
+            target=diffusion_target(self.scheduler, x0, d.noise, d.timesteps),
+            timesteps=d.timesteps,
             embeds=torch.cat(embeds),
             weights=weights,
             num_instance=bs,
             cond=cond,
         )
 
-    def _losses(self, step: int) -> dict[str, torch.Tensor]:
-        b = self._batch(step).shard(self.rank, self.world)
-        with self.acc.autocast():
+    def _batch(self, step: int) -> Batch:
+        """The global batch of one step, on the device."""
+        return self._assemble(self._draw(step).to(self.device))
+
+    def _loss_terms(self, b: Batch, autocast: AbstractContextManager) -> dict[str, torch.Tensor]:
+        """Instance loss, prior loss (with prior preservation) and their weighted sum ``loss`` of batch ``b``."""
+        with autocast:
             pred = denoise(self.unet, b.noisy, b.timesteps, b.embeds, b.cond)
         per_sample = per_sample_mse(pred, b.target, b.weights)
         per_sample = per_sample * min_snr_weights(self.scheduler, b.timesteps, self.cfg.snr_gamma)
@@ -253,6 +309,9 @@ class DiffusionTrainer:
             losses["prior_loss"] = prior
             losses["loss"] = instance + self.cfg.prior_loss_weight * prior
         return losses
+
+    def _losses(self, step: int) -> dict[str, torch.Tensor]:
+        return self._loss_terms(self._batch(step).shard(self.rank, self.world), self.acc.autocast())
 
     def train_step(self, step: int) -> dict[str, float]:
         """One optimisation step; raises NonFiniteLossError before touching the weights."""
@@ -323,7 +382,8 @@ class DiffusionTrainer:
 
     # -- checkpoints ----------------------------------------------------------------------------------------
     def _save(self, step: int) -> None:
-        extra = {"history": self.history, "validation": self.validation}
+        """Checkpoint ``step``: snapshot to the CPU here, written to disk in the background (see ``run``)."""
+        extra = {"history": list(self.history), "validation": list(self.validation)}
         state = CheckpointState(
             step=step,
             tensors={name: p.detach() for name, p in self.params.items()},
@@ -334,7 +394,8 @@ class DiffusionTrainer:
         if self.ema is not None:
             state.tensors.update({f"__ema__.{i}": t for i, t in enumerate(self.ema.shadow_params)})
         if self.acc.is_main_process:
-            log.info("checkpoint saved: %s", self.store.save(state))
+            written = self.store.save_in_background(state)
+            written.add_done_callback(lambda f: f.exception() or log.info("checkpoint saved: %s", f.result()))
         self.acc.wait_for_everyone()
 
     def _resume(self) -> int:
@@ -381,20 +442,96 @@ class DiffusionTrainer:
             range(start, total), initial=start, total=total, desc="train", unit="step",
             disable=not self.acc.is_main_process,
         )  # fmt: skip
-        for step in bar:
-            record = self.train_step(step)
-            done = step + 1
-            self.history.append({"step": done, **record})
-            self.tracker.log_metrics(record, step=done)
-            bar.set_postfix(loss=f"{record['loss']:.4f}")
-            if done % self.cfg.validation_steps == 0 or done == total:
-                self._validate(done)
-            if done % self.cfg.checkpointing_steps == 0 or done == total:
-                self._save(done)
+        for a, b in segments(start, total, self.cfg.validation_steps, self.cfg.checkpointing_steps):
+            self.train_steps(a, b, bar)
+            if b % self.cfg.validation_steps == 0 or b == total:
+                self._validate(b)
+            if b % self.cfg.checkpointing_steps == 0 or b == total:
+                self._save(b)
+        bar.close()
+        self.store.wait()  # the last checkpoint is on disk before the stage writes its outputs
         elapsed = time.perf_counter() - t0
         if self.ema is not None:
             self.ema.copy_to(list(self.params.values()))
         return TrainResult(step=total, history=self.history, metrics=self._summary(total - start, elapsed))
+
+    def train_steps(self, start: int, stop: int, bar: tqdm | None = None) -> None:
+        """Steps ``start`` .. ``stop - 1`` (0-based), their losses appended to the history and logged; eager, or as
+        replays of one CUDA graph captured at the first call (losses read back every few steps and at ``stop``)."""
+        if self.graph_blocker is not None:
+            for step in range(start, stop):
+                self._log_step(step + 1, self.train_step(step), bar)
+            return
+        if self.graphed is None and not self._capture(start):
+            self.train_steps(start, stop, bar)  # eager from here on
+            return
+        for step in range(start, stop):
+            self.graphed.step(step)
+            self.lr_scheduler.step()
+            if self.ema is not None:
+                self.ema.step(list(self.params.values()))
+            self.graphed.record(step + 1, float(self.lr_scheduler.get_last_lr()[0]))
+            if self.graphed.log_full or step + 1 == stop:
+                self._drain(bar)
+
+    def _capture(self, start: int) -> bool:
+        """Capture the step as a CUDA graph; on failure, say why and stay eager (the weights are untouched)."""
+        t0 = time.perf_counter()
+        try:
+            self.graphed = GraphedStep(
+                self._draw,
+                lambda draws: self._loss_terms(self._assemble(draws), self._graph_autocast()),
+                self.optimizer,
+                self.cfg.max_grad_norm,
+                start,
+                self.device,
+            )
+            mismatch = self._graph_mismatch(start)
+        except RuntimeError as err:  # e.g. an operation that cannot be captured in this torch/driver
+            mismatch = f"capture failed: {str(err).splitlines()[0]}"
+        if mismatch is not None:
+            self.graph_blocker, self.graphed = mismatch, None
+            log.warning("training step not captured as a CUDA graph (%s); training eagerly", mismatch)
+            self.optimizer.zero_grad()
+            return False
+        log.info("training step captured as a CUDA graph and checked in %.1f s", time.perf_counter() - t0)
+        return True
+
+    def _graph_mismatch(self, step: int, rel: float = 2e-2) -> str | None:
+        """Why the captured step cannot be trusted, or None: its loss on ``step``'s batch (update held back) must
+        equal the eager loss on the same batch and weights within bf16 rounding."""
+        assert self.graphed is not None
+        with torch.no_grad():
+            eager = self._loss_terms(self._batch(step), self._graph_autocast())["loss"].item()
+        replayed = self.graphed.replayed_loss(step)
+        if math.isfinite(eager) and abs(replayed - eager) > rel * abs(eager):
+            return f"the captured step's loss {replayed:.6g} differs from the eager step's {eager:.6g}"
+        return None
+
+    def _log_step(self, done: int, record: dict[str, float], bar: tqdm | None) -> None:
+        self.history.append({"step": done, **record})
+        self.tracker.log_metrics(record, step=done)
+        if bar is not None:
+            bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+            bar.update()
+
+    def _graph_autocast(self) -> AbstractContextManager:
+        """Autocast for the captured step: the configured half precision, no cast cache (graphs need none)."""
+        dtype = {"bf16": torch.bfloat16}.get(self.cfg.mixed_precision)
+        return torch.autocast(
+            "cuda", dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=False
+        )
+
+    def _drain(self, bar: tqdm | None) -> None:
+        """Read the graphed steps' losses back (one transfer), log them, stop at the first non-finite loss."""
+        assert self.graphed is not None
+        for done, record in self.graphed.drain(with_prior=self.data.prior is not None):
+            if not math.isfinite(record["loss"]):
+                raise NonFiniteLossError(
+                    f"non-finite loss ({record['loss']}) at step {done}; no update was applied from that step on. "
+                    f"Last good checkpoint: {self.store.latest() or 'none'}. Lower the learning rate or check the data."
+                )
+            self._log_step(done, record, bar)
 
     def _summary(self, steps_run: int, elapsed: float) -> dict[str, float]:
         tail = self.history[-10:]
