@@ -58,3 +58,35 @@ def test_dreambooth_sweep_refuses_variants_it_would_mix_up(specs: list[list[str]
     with pytest.raises(SystemExit, match="give each variant a unique name other than 'base'"):
         parse_variants(specs)
     assert parse_variants([["a", "x=1"], ["b"]]) == {"a": ["x=1"], "b": []}
+
+
+def test_speed_benchmark_on_the_tiny_model_checks_and_tables(tmp_path: Path) -> None:
+    """benchmarks/speed.py end to end on the CPU: every comparison gives rates for both sides and a ratio per
+    round, the numerical checks compare the default path with the eager one (identical on the CPU, where no
+    lever applies), and --table renders the README's table from the JSON."""
+    out = tmp_path / "speed.json"
+    cmd = [sys.executable, "-m", "benchmarks.speed", "--model", "tiny", "--device", "cpu", "--repeats", "2",
+           "--steps", "2", "--warmup", "1", "--check-steps", "3", "--sample-images", "5", "--plain-batches", "5",
+           "--only", "check", "dreambooth", "lora_r4", "infer", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(out.read_text())
+    for name in ("dreambooth", "lora_r4", "infer"):
+        row = results[name]
+        assert len(row["plain"]["runs"]) == len(row["project"]["runs"]) == len(row["ratio"]["runs"]) == 2, (
+            name
+        )
+        assert row["plain"]["median"] > 0 and row["project"]["median"] > 0, name
+        assert row["ratio"]["min"] <= row["ratio"]["median"] <= row["ratio"]["max"], name
+    assert results["dreambooth"]["graph_blocker"] == "the device is cpu"
+    check = results["check_dreambooth"]
+    assert check["first_loss_rel_diff"] == 0.0 and check["weights_diff_over_update"] == 0.0, check
+    assert check["weights_update_norm_eager"] > 0
+    assert results["infer"]["images"] == 5 and results["infer"]["check_max_abs_diff"] <= 1 / 255 + 1e-6
+    table = subprocess.run([sys.executable, "-m", "benchmarks.speed", "--table", str(out)], cwd=PROJECT_ROOT,
+                           capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert (
+        "| DreamBooth step (batch 1 + 1 prior) |" in table
+        and "| infer (30 steps, CFG 7.5, 5 prompts) |" in table
+    )
+    assert f"**{results['lora_r4']['ratio']['median']:.2f}x**" in table
