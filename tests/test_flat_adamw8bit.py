@@ -111,6 +111,23 @@ def test_params_become_views_of_flat_and_backward_fills_flat_grad() -> None:
     assert all(p.grad.data_ptr() >= opt.flat_grad.data_ptr() for p in model.parameters())
 
 
+def test_channels_last_weights_keep_their_layout_and_gradients() -> None:
+    """A channels-last convolution (compute.channels_last) stays channels-last inside the flat buffer, and its
+    gradient lands there as an unpacked copy computes it."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1).to(memory_format=torch.channels_last)
+    reference = copy.deepcopy(conv)
+    opt = FlatAdamW8bit(conv.parameters(), lr=1e-3)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert conv.weight.untyped_storage().data_ptr() == opt.flat.untyped_storage().data_ptr()
+    assert torch.equal(conv.weight.detach(), reference.weight.detach())
+    x = torch.randn(2, 3, 6, 6).to(memory_format=torch.channels_last)
+    for m in (conv, reference):
+        m(x).square().mean().backward()
+    assert torch.allclose(conv.weight.grad, reference.weight.grad, rtol=1e-6, atol=1e-7)
+    assert conv.weight.grad.untyped_storage().data_ptr() == opt.flat_grad.untyped_storage().data_ptr()
+
+
 def test_rejects_what_it_cannot_pack() -> None:
     half = torch.nn.Parameter(torch.zeros(4, dtype=torch.float16))
     frozen = torch.nn.Parameter(torch.zeros(4), requires_grad=False)

@@ -305,6 +305,13 @@ def _check_params(params: list[Any]) -> list[torch.nn.Parameter]:
     return params
 
 
+def _dense_view(segment: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``segment`` (1-D, ``like.numel()`` long) shaped like ``like``, with its strides where ``like`` is dense in
+    another layout (channels-last convolution weights stay channels-last); contiguous otherwise."""
+    dense = like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last)
+    return segment.as_strided(like.shape, like.stride()) if dense else segment.view(like.shape)
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -363,9 +370,9 @@ class FlatAdamW8bit(torch.optim.Optimizer):
         self._grad_views: list[torch.Tensor] = []
         with torch.no_grad():
             for p, off, n in zip(params, self.offsets, self.numels, strict=True):
-                view = self.flat[off : off + n].view(p.shape)
+                view = _dense_view(self.flat[off : off + n], p)
                 view.copy_(p.data)
-                grad_view = self.flat_grad[off : off + n].view(p.shape)
+                grad_view = _dense_view(self.flat_grad[off : off + n], p)
                 if p.grad is not None:
                     grad_view.copy_(p.grad)
                 p.data = view
