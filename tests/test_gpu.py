@@ -40,8 +40,8 @@ def optimizer_types(monkeypatch) -> list[str]:
     seen: list[str] = []
     real = optim.make_optimizer
 
-    def recording(params, cfg, device):
-        opt = real(params, cfg, device)
+    def recording(params, cfg, device, **options):
+        opt = real(params, cfg, device, **options)
         seen.append(type(opt).__module__ + "." + type(opt).__name__)
         return opt
 
