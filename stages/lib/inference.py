@@ -184,7 +184,9 @@ def generate(
         desc=f"infer {variant}",
     )
     result = Generation(
-        images={p: [] for p in prompts}, seeds={p: [] for p in prompts}, files={p: [] for p in prompts}
+        images={p: [] for p in prompts},
+        seeds={p: [] for p in prompts},
+        files={} if folder is None else {p: [] for p in prompts},
     )
     latents: dict[str, list[torch.Tensor]] = {p: [] for p in prompts}
     for job in jobs:
@@ -195,9 +197,7 @@ def generate(
         if job.path is not None:
             result.files[prompt].append(job.path)
     result.latents = {prompt: torch.stack(items) for prompt, items in latents.items()}
-    if folder is None:
-        result.files = {}
-    else:
+    if folder is not None:
         tensors = {
             f"{slug}/{i:02d}": latent.contiguous()
             for prompt, slug in zip(prompts, slugs, strict=True)

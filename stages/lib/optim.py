@@ -65,13 +65,9 @@ def _flat_adamw8bit(params: list[torch.nn.Parameter], cfg: TrainConfig, device: 
             "optimizer=adamw8bit: the flat 8-bit kernel is unavailable (%s); using bitsandbytes", reason
         )
         return None
-    kwargs = _adam_kwargs(cfg)
     try:  # builds (and on CUDA compiles and launches once) the kernel
-        return FlatAdamW8bit(params, lr=kwargs["lr"], betas=kwargs["betas"], eps=kwargs["eps"],
-                             weight_decay=kwargs["weight_decay"])  # fmt: skip
-    except (
-        Exception
-    ) as err:  # a kernel that fails to build here must not stop training: bitsandbytes still can
+        return FlatAdamW8bit(params, **_adam_kwargs(cfg))
+    except Exception as err:  # a kernel that fails to build must not stop training: bitsandbytes still can
         log.warning("optimizer=adamw8bit: the flat 8-bit kernel failed (%s); using bitsandbytes", err)
         return None
 

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from stages.lib.checkpoints import CheckpointState, CheckpointStore
 from stages.lib.errors import StageError
+from stages.lib.flat_adamw8bit import FlatAdamW8bit
 from stages.lib.graphed_step import GraphedStep, StepDraw
 from stages.lib.losses import diffusion_target, min_snr_weights, per_sample_mse, sample_noise
 from stages.lib.optim import make_lr_scheduler, make_optimizer
@@ -191,14 +192,9 @@ def graph_blocker(
         (cfg.mixed_precision == "fp16", "fp16 mixed precision needs a loss scaler (use bf16)"),
         (cfg.train_text_encoder, "the text encoder trains"),
         (cfg.gradient_checkpointing, "gradient checkpointing is on"),
+        (not isinstance(optimizer, FlatAdamW8bit), f"optimizer={cfg.optimizer} (needs the flat adamw8bit)"),
     ]
-    why = next((why for blocked, why in reasons if blocked), None)
-    if why is None:
-        from stages.lib.flat_adamw8bit import FlatAdamW8bit  # CUDA only: imported where it can be used
-
-        if not isinstance(optimizer, FlatAdamW8bit):
-            why = f"optimizer={cfg.optimizer} (a captured step needs the flat adamw8bit)"
-    return why
+    return next((why for blocked, why in reasons if blocked), None)
 
 
 class DiffusionTrainer:
@@ -223,7 +219,7 @@ class DiffusionTrainer:
         self.device = accelerator.device
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         compute = compute or ComputeConfig()
-        flat = compute.flat_optimizer and self.device.type == "cuda" and self.world == 1
+        flat = compute.flat_optimizer and self.world == 1  # make_optimizer uses it on CUDA only
         self.optimizer = make_optimizer(params.values(), cfg, self.device, flat=flat)
         self.lr_scheduler = make_lr_scheduler(self.optimizer, cfg)
         self.ema = EMAModel(list(params.values()), decay=cfg.ema_decay, foreach=True) if cfg.use_ema else None
@@ -320,10 +316,7 @@ class DiffusionTrainer:
         if self.world > 1:  # global means: every process takes the same NaN decision and logs the same values
             reported = {k: self.acc.reduce(v, "mean") for k, v in reported.items()}
         if not torch.isfinite(reported["loss"]):
-            raise NonFiniteLossError(
-                f"non-finite loss ({reported['loss'].item()}) at step {step + 1}; weights were not updated. "
-                f"Last good checkpoint: {self.store.latest() or 'none'}. Lower the learning rate or check the data."
-            )
+            raise self._non_finite(reported["loss"].item(), step + 1, "weights were not updated")
         self.acc.backward(losses["loss"])
         if self.cfg.max_grad_norm > 0:
             self.acc.clip_grad_norm_(list(self.params.values()), self.cfg.max_grad_norm)
@@ -522,15 +515,19 @@ class DiffusionTrainer:
             "cuda", dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=False
         )
 
+    def _non_finite(self, loss: float, step: int, kept: str) -> NonFiniteLossError:
+        """The error for a non-finite loss at ``step`` (1-based); ``kept`` says what happened to the weights."""
+        return NonFiniteLossError(
+            f"non-finite loss ({loss}) at step {step}; {kept}. Last good checkpoint: "
+            f"{self.store.latest() or 'none'}. Lower the learning rate or check the data."
+        )
+
     def _drain(self, bar: tqdm | None) -> None:
         """Read the graphed steps' losses back (one transfer), log them, stop at the first non-finite loss."""
         assert self.graphed is not None
         for done, record in self.graphed.drain(with_prior=self.data.prior is not None):
             if not math.isfinite(record["loss"]):
-                raise NonFiniteLossError(
-                    f"non-finite loss ({record['loss']}) at step {done}; no update was applied from that step on. "
-                    f"Last good checkpoint: {self.store.latest() or 'none'}. Lower the learning rate or check the data."
-                )
+                raise self._non_finite(record["loss"], done, "no update was applied from that step on")
             self._log_step(done, record, bar)
 
     def _summary(self, steps_run: int, elapsed: float) -> dict[str, float]:
