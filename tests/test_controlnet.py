@@ -213,7 +213,7 @@ def test_generation_errors_name_the_missing_piece(world, trained, tmp_path: Path
 def test_training_settings_follow_dreambooth_with_the_controlnet_learning_rate(
     tmp_path: Path, profile
 ) -> None:
-    from stages.compose import compose  # imports DVC, which the GPU machine does not have
+    from stages.compose import compose  # imports DVC, which a CUDA-only test setup may lack
 
     overrides = [f"profile={profile}", "dreambooth.resolution=96", "dreambooth.train_text_encoder=true"]
     cfg = load_config(compose(tmp_path / "p.yaml", overrides, root=PROJECT_ROOT))

@@ -1,4 +1,4 @@
-"""CUDA paths (run on the GPU machine with `pytest -m gpu`; deselected elsewhere): bitsandbytes 8-bit AdamW,
+"""CUDA paths (run on a CUDA machine with `pytest -m gpu`; deselected elsewhere): bitsandbytes 8-bit AdamW,
 bf16/fp16 autocast with fp32 master weights, fp16 class-image sampling."""
 
 from __future__ import annotations

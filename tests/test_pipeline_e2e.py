@@ -124,7 +124,7 @@ def test_dreambooth_and_every_lora_keep_the_prompts_scene_and_style(repo: Path, 
     captions and the profile's learning rate; README, "Prompt fidelity"). Sampled like the rank-sweep benchmark,
     FIDELITY_IMAGES per prompt. Measured on this test's build: scene / style 0.35 / 0.75 (base), 0.35 / 0.70
     (DreamBooth), 0.30 / 0.73, 0.28 / 0.68, 0.30 / 0.63 (LoRA r4, r8, r24), subject match 0.35 -> 0.48-0.51.
-    DreamBooth as the profile trained it until session 12 (uncaptioned photos, 16 class images, lr 4e-4) on the
+    DreamBooth in the earlier profile's setting (uncaptioned photos, 16 class images, lr 4e-4) on the
     same inputs: style 0.50, which fails here."""
     # the clone's own configuration, composed here: params.yaml may be rewritten by this module's `dvc exp run`
     cfg = load_config(compose(tmp_path / "params.yaml", [], root=repo))
