@@ -30,11 +30,11 @@ from benchmarks.lora_rank_sweep import print_row, score
 from stages import class_images, dreambooth, prep, sample_subject
 from stages.compose import compose
 from stages.infer import Variant
-from stages.lib.attribute_reader import READER_DIR, load_reader
-from stages.lib.config import load_config
-from stages.lib.finetune import FinetunePaths
-from stages.lib.manifest import MANIFEST, Manifest
-from stages.lib.schema import PipelineConfig
+from stages.lib.config.loader import load_config
+from stages.lib.config.schema import PipelineConfig
+from stages.lib.imaging.manifest import MANIFEST, Manifest
+from stages.lib.miniature.attribute_reader import READER_DIR, load_reader
+from stages.lib.training.finetune import FinetunePaths
 
 SAMPLE_SUBJECT_DIR = "data/sample_subject"  # data.instance_dir of the embedded default
 

@@ -23,12 +23,12 @@ from safetensors import safe_open
 from stages import lora as lora_stage
 from stages.compare import world_scores
 from stages.infer import Variant, generate_variants
-from stages.lib.attribute_reader import READER_DIR, load_reader
-from stages.lib.config import load_config
-from stages.lib.finetune import FinetunePaths
-from stages.lib.inference import InferIndex
-from stages.lib.schema import PipelineConfig
-from stages.lib.world_metrics import DESCRIPTIONS as WORLD_METRICS
+from stages.lib.config.loader import load_config
+from stages.lib.config.schema import PipelineConfig
+from stages.lib.miniature.attribute_reader import READER_DIR, load_reader
+from stages.lib.miniature.world_metrics import DESCRIPTIONS as WORLD_METRICS
+from stages.lib.sampling.inference import InferIndex
+from stages.lib.training.finetune import FinetunePaths
 
 COLUMNS = tuple(WORLD_METRICS)  # compare's miniature-world metrics, in their order
 

@@ -37,12 +37,25 @@ from peft import LoraConfig as PeftLoraConfig
 
 from benchmarks.train_step import RESOLUTION, project_step_fn, sd15_pipeline, timed
 from stages.class_images import image_name, load_sampler, write_images
-from stages.lib.distributed import barrier, is_main_process, launch_command, launch_env, launched, world
-from stages.lib.models import load_pipeline, resolve_device
-from stages.lib.schema import ComputeConfig, PipelineConfig, TinyModelConfig, TrackingConfig, TrainConfig
-from stages.lib.tiny_model import build_tiny_pipeline
-from stages.lib.tracking import StageTracker
-from stages.lib.train_data import ImageSet
+from stages.lib.config.schema import (
+    ComputeConfig,
+    PipelineConfig,
+    TinyModelConfig,
+    TrackingConfig,
+    TrainConfig,
+)
+from stages.lib.miniature.tiny_model import build_tiny_pipeline
+from stages.lib.models.loading import load_pipeline, resolve_device
+from stages.lib.runtime.distributed import (
+    barrier,
+    is_main_process,
+    launch_command,
+    launch_env,
+    launched,
+    world,
+)
+from stages.lib.tracking.tracker import StageTracker
+from stages.lib.training.data import ImageSet
 
 # Never let a launched program switch NVLink multicast on (the GPU hosts are shared).
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}

@@ -16,7 +16,7 @@ architecture with random weights as a diffusers folder and runs at 64 px with 2 
 ``--scale F`` multiplies the class-image count and the training steps (with the validation and checkpoint
 intervals, so each run keeps its share of them); sampling steps per image stay. The JSON records the scale.
 
-Without an OpenCV that has Haar cascades (opencv 5), prep and compare would stop on stages.lib.faces's error;
+Without an OpenCV that has Haar cascades (opencv 5), prep and compare would stop on stages.lib.imaging.faces's error;
 there they run through this module (``--stage-without-haar``) with face detection finding no face, so prep crops
 at the saliency centroid (or the centre) and compare's face_detection_rate is 0; the JSON says so.
 
@@ -76,7 +76,7 @@ RECIPE_STAGES = (
     "compare",
 )
 OPTIONAL_STAGES = ("convert", "compare")
-FACE_STAGES = ("prep", "compare")  # the stages that call stages.lib.faces
+FACE_STAGES = ("prep", "compare")  # the stages that call stages.lib.imaging.faces
 WITHOUT_HAAR = "--stage-without-haar"
 TRAIN_SECTIONS = ("dreambooth", "lora.train")
 SCALED_TRAIN_KEYS = ("max_train_steps", "validation_steps", "checkpointing_steps")
@@ -233,7 +233,7 @@ def sd15_random_components() -> dict[str, Any]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from stages.lib.models import SD15_CONFIG_DIR
+    from stages.lib.models.loading import SD15_CONFIG_DIR
 
     torch.manual_seed(0)
     return {
@@ -247,7 +247,7 @@ def write_sd15_single_file(path: Path) -> Path:
     """A full-size random SD1.5 as one fp16 original-layout .safetensors (what a civitai download is)."""
     import torch
 
-    from stages.lib.single_file import save_single_file
+    from stages.lib.models.single_file import save_single_file
 
     meta = {"benchmark": "random weights, not a trained model"}
     return save_single_file(sd15_random_components(), path, metadata=meta, dtype=torch.float16)
@@ -255,8 +255,8 @@ def write_sd15_single_file(path: Path) -> Path:
 
 def write_tiny_folder(path: Path) -> Path:
     """The embedded default's architecture with random weights, as a diffusers pipeline folder."""
-    from stages.lib.schema import TinyModelConfig
-    from stages.lib.tiny_model import build_tiny_pipeline
+    from stages.lib.config.schema import TinyModelConfig
+    from stages.lib.miniature.tiny_model import build_tiny_pipeline
 
     with tempfile.TemporaryDirectory() as tmp:
         build_tiny_pipeline(TinyModelConfig(), Path(tmp) / "tokenizer").save_pretrained(path)
@@ -389,8 +389,8 @@ def run_stage(command: StageCommand, work: Path, haar: bool, echo: bool) -> Stag
 
 
 def haar_available() -> bool:
-    """Whether stages.lib.faces can load its Haar cascade here (opencv < 5)."""
-    from stages.lib.faces import face_cascade
+    """Whether stages.lib.imaging.faces can load its Haar cascade here (opencv < 5)."""
+    from stages.lib.imaging.faces import face_cascade
 
     try:
         face_cascade()
@@ -404,7 +404,7 @@ def stage_without_haar(argv: list[str]) -> int:
     prep falls back to its saliency / centre crop, compare's face_detection_rate reads 0."""
     import gc
 
-    from stages.lib import faces
+    from stages.lib.imaging import faces
 
     faces.detect_faces = lambda image, min_face_fraction=0.0, min_neighbors=5: []
     from stages.__main__ import main as stages_main
@@ -550,7 +550,7 @@ def prepare_params(args: argparse.Namespace) -> dict[str, Any]:
 
 def new_report(args: argparse.Namespace, params: dict[str, Any], changes: dict[str, Any], haar: bool) -> dict:
     """The report's header: what ran where, and every value changed from the composed seed_hw4 params."""
-    from stages.lib.mlflow_run import git_commit
+    from stages.lib.tracking.mlflow_run import git_commit
 
     faces = "haar" if haar else "none (no Haar cascade in this opencv): prep crops by saliency / centre"
     return {

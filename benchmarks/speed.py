@@ -37,13 +37,19 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 
 from benchmarks.train_step import CLASS_PROMPT, INSTANCE_PROMPT, RESOLUTION, baseline_step_fn, sd15_pipeline
-from stages.lib.checkpoints import CheckpointStore
-from stages.lib.finetune import apply_training_levers, encode_prompt, prompt_ids
-from stages.lib.schema import ComputeConfig, PipelineConfig, TinyModelConfig, TrackingConfig, TrainConfig
-from stages.lib.tiny_model import build_tiny_pipeline
-from stages.lib.tracking import StageTracker
-from stages.lib.train_data import ImageSet, encode_latents
-from stages.lib.training import DiffusionTrainer, TrainingData, accelerator_for
+from stages.lib.config.schema import (
+    ComputeConfig,
+    PipelineConfig,
+    TinyModelConfig,
+    TrackingConfig,
+    TrainConfig,
+)
+from stages.lib.miniature.tiny_model import build_tiny_pipeline
+from stages.lib.tracking.tracker import StageTracker
+from stages.lib.training.checkpoints import CheckpointStore
+from stages.lib.training.data import ImageSet, encode_latents
+from stages.lib.training.finetune import apply_training_levers, encode_prompt, prompt_ids
+from stages.lib.training.trainer import DiffusionTrainer, TrainingData, accelerator_for
 
 EAGER = ComputeConfig(cuda_graphs=False, flat_optimizer=False, channels_last=False, fuse_qkv=False,
                       half_frozen_weights=False)  # fmt: skip
@@ -270,7 +276,7 @@ def plain_images(
 def compare_sampling(bench: Bench, kind: str, images: int, plain_batches: list[int], repeats: int) -> dict:
     """Class images (50 steps, one prompt) or infer (30 steps, five prompts): plain at its best batch vs the project."""
     from stages import class_images
-    from stages.lib import inference
+    from stages.lib.sampling import inference
 
     steps = 50 if kind == "class_images" else 30
     plain_pipe, project_pipe = sampling_pipe(bench), sampling_pipe(bench)
@@ -333,10 +339,10 @@ def compare_sampling(bench: Bench, kind: str, images: int, plain_batches: list[i
 
 
 def prepare_project_pipe(pipe, compute: ComputeConfig) -> None:
-    """The levers the project's samplers apply to their pipeline (stages/lib/sampling.py)."""
-    from stages.lib import sampling
+    """The levers the project's samplers apply to their pipeline (stages/lib/sampling/sampler.py)."""
+    from stages.lib.sampling import sampler
 
-    sampling.prepare_for_sampling(pipe, compute)
+    sampler.prepare_for_sampling(pipe, compute)
 
 
 def environment(device: torch.device) -> dict[str, object]:

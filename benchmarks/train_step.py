@@ -5,9 +5,9 @@ Baseline = what diffusers' train_dreambooth.py does per step (VAE encode of the 
 forward every step; on CUDA bf16 autocast and bitsandbytes AdamW8bit, on the CPU fp32 and torch's AdamW with its
 defaults) and logs the loss to MLflow every step, as accelerate's MLflow tracker does (``--no-mlflow``: neither
 side logs; the GPU machine has no MLflow).
-Project = stages.lib.training.DiffusionTrainer (cached latents and embeddings, fused AdamW where 8-bit cannot run,
+Project = stages.lib.training.trainer.DiffusionTrainer (cached latents and embeddings, fused AdamW where 8-bit cannot run,
 MLflow step metrics in batches) with its StageTracker.
-Random weights, nothing downloaded: ``--model sd15`` the real SD1.5 configs (stages/lib/sd15_configs) at 512 px on
+Random weights, nothing downloaded: ``--model sd15`` the real SD1.5 configs (stages/lib/models/sd15_configs) at 512 px on
 CUDA; ``--model tiny`` the embedded default's architecture at 64 px, on the CPU by default.
 
     python benchmarks/train_step.py --steps 30 --out bench.json           # SD1.5 size, CUDA
@@ -36,16 +36,16 @@ from diffusers import (
 from peft import LoraConfig as PeftLoraConfig
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from stages.lib.checkpoints import CheckpointStore
-from stages.lib.finetune import encode_prompt, prompt_ids
-from stages.lib.models import SD15_CONFIG_DIR
-from stages.lib.optim import make_optimizer
-from stages.lib.schema import TinyModelConfig, TrackingConfig, TrainConfig
-from stages.lib.tiny_model import build_tiny_pipeline
-from stages.lib.tokenizer import build_clip_tokenizer
-from stages.lib.tracking import StageTracker
-from stages.lib.train_data import ImageSet, encode_latents
-from stages.lib.training import DiffusionTrainer, TrainingData, accelerator_for
+from stages.lib.config.schema import TinyModelConfig, TrackingConfig, TrainConfig
+from stages.lib.miniature.tiny_model import build_tiny_pipeline
+from stages.lib.models.loading import SD15_CONFIG_DIR
+from stages.lib.models.tokenizer import build_clip_tokenizer
+from stages.lib.tracking.tracker import StageTracker
+from stages.lib.training.checkpoints import CheckpointStore
+from stages.lib.training.data import ImageSet, encode_latents
+from stages.lib.training.finetune import encode_prompt, prompt_ids
+from stages.lib.training.optim import make_optimizer
+from stages.lib.training.trainer import DiffusionTrainer, TrainingData, accelerator_for
 
 RESOLUTION = {"sd15": 512, "tiny": 64}
 INSTANCE_PROMPT, CLASS_PROMPT = "a photo of sks man face", "a photo of man face"

@@ -1,7 +1,7 @@
 """``python -m stages <stage> [args]``: run one stage with its MLflow sidecar started first (dvc.yaml's commands).
 
 ``python -m stages.<stage>`` runs the same stage, but this way MLflow's import (2-3.5 s) runs in the sidecar while
-the stage imports torch and diffusers, instead of after them (stages/lib/tracking_sidecar.py). A stage that can
+the stage imports torch and diffusers, instead of after them (stages/lib/tracking/sidecar.py). A stage that can
 spread over several processes is launched under ``accelerate launch`` from here when ``compute.num_processes`` > 1,
 before its own imports: this process only waits for the launch, and each launched process runs ``python -m stages``
 again (the main one with its sidecar).
@@ -32,8 +32,9 @@ LAUNCHABLE_STAGES = frozenset({"class_images", "dreambooth", "lora", "controlnet
 def launch_early(stage: str, argv: list[str]) -> int | None:
     """The exit status of ``stage`` launched on ``compute.num_processes`` processes (of the ``--params`` file in
     ``argv``), or None when this process should run it itself."""
-    from stages.lib.config import ConfigError, load_config
-    from stages.lib.distributed import launched, relaunch
+    from stages.lib.config.loader import load_config
+    from stages.lib.errors import ConfigError
+    from stages.lib.runtime.distributed import launched, relaunch
 
     if launched() or "-h" in argv or "--help" in argv:
         return None
@@ -52,8 +53,8 @@ def main(argv: list[str]) -> int:
         given = f"'{argv[0]}'" if argv else "no stage"
         print(f"error: {given}: python -m stages takes one of {', '.join(TRACKED_STAGES)}", file=sys.stderr)
         return 2
-    from stages.lib.distributed import is_main_process
-    from stages.lib.tracking_sidecar import discard_prestarted, prestart
+    from stages.lib.runtime.distributed import is_main_process
+    from stages.lib.tracking.sidecar import discard_prestarted, prestart
 
     if is_main_process():  # the processes of a launch: only the main one logs
         prestart()

@@ -1,37 +1,28 @@
 """Stage `base`: build and pretrain (tiny default) or load (real SD1.5) the base pipeline; save it in diffusers format.
 
-The tiny default is pretrained on the miniature world of faces (stages/lib/world.py) through the shared training
+The tiny default is pretrained on the miniature world of faces (stages/lib/miniature/world.py) through the shared training
 loop (resumable from ``--checkpoints``), and its attribute reader is saved in ``<out>/attribute_reader``.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import tempfile
 import time
 from pathlib import Path
 
-from stages.lib.cli import stage_main
-from stages.lib.config import to_flat_dict
-from stages.lib.finetune import write_loss_table
-from stages.lib.models import load_base_source, load_pipeline, resolve_device
-from stages.lib.outputs import atomic_dir
-from stages.lib.pretrain import pretrain_tiny
-from stages.lib.schema import ModelConfig, PipelineConfig
-from stages.lib.tracking import stage_run
-
-SOURCE_FILE = "source.json"
-
-
-def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
-    """SHA-256 of a file, read in chunks (checkpoints are several GB)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+from stages.lib.config.loader import to_flat_dict
+from stages.lib.config.schema import ModelConfig, PipelineConfig
+from stages.lib.layout import SOURCE_FILE
+from stages.lib.miniature.pretrain import pretrain_tiny
+from stages.lib.models.base_source import load_base_source
+from stages.lib.models.loading import load_pipeline, resolve_device
+from stages.lib.runtime.cli import stage_main
+from stages.lib.runtime.hashing import file_sha256
+from stages.lib.runtime.outputs import atomic_dir
+from stages.lib.tracking.tracker import stage_run
+from stages.lib.training.finetune import write_loss_table
 
 
 def describe_source(cfg: ModelConfig) -> dict[str, str]:

@@ -21,16 +21,16 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from stages.lib.checkpoints import fingerprint, hash_files
-from stages.lib.cli import stage_main
-from stages.lib.config import to_flat_dict
-from stages.lib.distributed import barrier, is_main_process, world
-from stages.lib.images import make_grid, save_image
-from stages.lib.models import load_pipeline, resolve_device
-from stages.lib.outputs import atomic_dir
-from stages.lib.sampling import Job, prepare_for_sampling, sample
-from stages.lib.schema import PipelineConfig
-from stages.lib.tracking import stage_run
+from stages.lib.config.loader import to_flat_dict
+from stages.lib.config.schema import PipelineConfig
+from stages.lib.imaging.images import make_grid, save_image
+from stages.lib.models.loading import load_pipeline, resolve_device
+from stages.lib.runtime.cli import stage_main
+from stages.lib.runtime.distributed import barrier, is_main_process, world
+from stages.lib.runtime.hashing import fingerprint, hash_files
+from stages.lib.runtime.outputs import atomic_dir
+from stages.lib.sampling.sampler import Job, prepare_for_sampling, sample
+from stages.lib.tracking.tracker import stage_run
 
 log = logging.getLogger(__name__)
 FINGERPRINT_FILE = "fingerprint.json"

@@ -20,19 +20,19 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from stages.lib.attribute_reader import READER_DIR, AttributeReader, load_reader
-from stages.lib.cli import stage_main
-from stages.lib.config import to_flat_dict
+from stages.lib.config.loader import to_flat_dict
+from stages.lib.config.schema import PipelineConfig
 from stages.lib.errors import StageError
-from stages.lib.image_metrics import METRICS, MetricSuite, encode_references, load_references
-from stages.lib.images import save_image
-from stages.lib.inference import InferIndex
-from stages.lib.models import resolve_device
-from stages.lib.schema import PipelineConfig
-from stages.lib.tracking import stage_run
-from stages.lib.world_metrics import DESCRIPTIONS as WORLD_METRICS
-from stages.lib.world_metrics import Reading, class_scores, fidelity_scores, subject_scores
-from stages.lora import featured_lora_dir
+from stages.lib.imaging.images import save_image
+from stages.lib.layout import featured_lora_dir
+from stages.lib.metrics.image_metrics import METRICS, MetricSuite, encode_references, load_references
+from stages.lib.miniature.attribute_reader import READER_DIR, AttributeReader, load_reader
+from stages.lib.miniature.world_metrics import DESCRIPTIONS as WORLD_METRICS
+from stages.lib.miniature.world_metrics import Reading, class_scores, fidelity_scores, subject_scores
+from stages.lib.models.loading import resolve_device
+from stages.lib.runtime.cli import stage_main
+from stages.lib.sampling.inference import InferIndex
+from stages.lib.tracking.tracker import stage_run
 
 Cell = str | list[Path]
 REPORT_FILES = ("README.md", "index.html", "comparison.png", "rank_study.png")

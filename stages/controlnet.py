@@ -20,19 +20,19 @@ import torch
 from diffusers import ControlNetModel
 from PIL import Image
 
-from stages.lib.annotators import canny_edges, get_annotator
-from stages.lib.cli import stage_main
-from stages.lib.config import to_flat_dict
-from stages.lib.controlnet import ControlNetLoadError, check_compatible, control_pipeline
-from stages.lib.edge_metrics import EdgeScore, edge_score, tolerance_pixels
+from stages.lib.config.loader import to_flat_dict
+from stages.lib.config.schema import ControlNetConfig, PipelineConfig
 from stages.lib.errors import StageError
-from stages.lib.images import list_images, make_grid, save_image, to_rgb
-from stages.lib.models import load_pipeline, resolve_device
-from stages.lib.outputs import atomic_dir
-from stages.lib.sampling import Job, prepare_for_sampling, sample
-from stages.lib.schema import ControlNetConfig, PipelineConfig
-from stages.lib.tracking import stage_run
-from stages.lora import WEIGHT_NAME, featured_lora_dir
+from stages.lib.imaging.annotators import canny_edges, get_annotator
+from stages.lib.imaging.images import list_images, make_grid, save_image, to_rgb
+from stages.lib.layout import LORA_WEIGHT_NAME, featured_lora_dir
+from stages.lib.metrics.edge_metrics import EdgeScore, edge_score, tolerance_pixels
+from stages.lib.models.controlnet_model import ControlNetLoadError, check_compatible, control_pipeline
+from stages.lib.models.loading import load_pipeline, resolve_device
+from stages.lib.runtime.cli import stage_main
+from stages.lib.runtime.outputs import atomic_dir
+from stages.lib.sampling.sampler import Job, prepare_for_sampling, sample
+from stages.lib.tracking.tracker import stage_run
 
 VARIANTS = ("dreambooth", "lora", "without_controlnet")
 MIN_CELL = 128  # grid cells are at least this wide so that captions stay readable
@@ -84,7 +84,7 @@ def generate(cfg: PipelineConfig, s: ControlNetConfig, paths: ControlPaths, cont
     device = resolve_device(cfg.compute)
     dtype = torch.float16 if device.type == "cuda" else None
     lora_dir = featured_lora_dir(cfg.lora, paths.lora_root)
-    if not (lora_dir / WEIGHT_NAME).is_file():
+    if not (lora_dir / LORA_WEIGHT_NAME).is_file():
         raise StageError(f"{lora_dir}: no LoRA weights; run `dvc repro lora@{cfg.lora.rank}`")
     if not (paths.controlnet / "config.json").is_file():
         raise ControlNetLoadError(

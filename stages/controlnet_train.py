@@ -19,32 +19,32 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from stages.lib.annotators import annotate_pixels, get_annotator
-from stages.lib.checkpoints import hash_files
-from stages.lib.cli import stage_main
-from stages.lib.config import to_flat_dict
-from stages.lib.controlnet import (
+from stages.lib.config.loader import to_flat_dict
+from stages.lib.config.schema import ControlNetConfig, PipelineConfig
+from stages.lib.errors import StageError
+from stages.lib.imaging.annotators import annotate_pixels, get_annotator
+from stages.lib.imaging.images import make_grid
+from stages.lib.models.controlnet_model import (
     ControlledUNet,
     check_compatible,
     control_pipeline,
     load_controlnet,
     new_controlnet,
 )
-from stages.lib.distributed import is_main_process
-from stages.lib.errors import StageError
-from stages.lib.finetune import (
+from stages.lib.models.loading import load_pipeline, resolve_device
+from stages.lib.runtime.cli import stage_main
+from stages.lib.runtime.distributed import is_main_process
+from stages.lib.runtime.hashing import hash_files
+from stages.lib.runtime.outputs import atomic_dir
+from stages.lib.tracking.tracker import StageTracker, stage_run
+from stages.lib.training.data import load_instance_set
+from stages.lib.training.finetune import (
     FinetunePaths,
     finetune,
     place_frozen_modules,
     sample_validation,
     save_validation_grid,
 )
-from stages.lib.images import make_grid
-from stages.lib.models import load_pipeline, resolve_device
-from stages.lib.outputs import atomic_dir
-from stages.lib.schema import ControlNetConfig, PipelineConfig
-from stages.lib.tracking import StageTracker, stage_run
-from stages.lib.train_data import load_instance_set
 
 LIB = Path(__file__).parent / "lib"
 CODE_FILES = [Path(__file__), LIB / "controlnet.py", LIB / "annotators.py"]

@@ -17,19 +17,19 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from stages.base import SOURCE_FILE, file_sha256
-from stages.lib import export_checks as check
-from stages.lib import lora_formats as fmt
-from stages.lib.cli import stage_main
-from stages.lib.config import to_flat_dict
+from stages.lib.config.loader import to_flat_dict
+from stages.lib.config.schema import PipelineConfig
 from stages.lib.errors import StageError
-from stages.lib.lora_extract import extract_lora, save_extracted
-from stages.lib.models import load_pipeline
-from stages.lib.outputs import atomic_dir
-from stages.lib.schema import PipelineConfig
-from stages.lib.single_file import load_single_file, save_single_file
-from stages.lib.tracking import git_commit, stage_run
-from stages.lora import featured_lora_dir
+from stages.lib.layout import SOURCE_FILE, featured_lora_dir
+from stages.lib.models import export_checks as check
+from stages.lib.models import lora_formats as fmt
+from stages.lib.models.loading import load_pipeline
+from stages.lib.models.lora_extract import extract_lora, save_extracted
+from stages.lib.models.single_file import load_single_file, save_single_file
+from stages.lib.runtime.cli import stage_main
+from stages.lib.runtime.hashing import file_sha256
+from stages.lib.runtime.outputs import atomic_dir
+from stages.lib.tracking.tracker import git_commit, stage_run
 
 log = logging.getLogger(__name__)
 

@@ -8,16 +8,16 @@ from pathlib import Path
 
 import torch
 
-from stages.base import SOURCE_FILE
-from stages.lib.checkpoints import hash_files
-from stages.lib.cli import stage_main
-from stages.lib.config import to_flat_dict
-from stages.lib.distributed import is_main_process
-from stages.lib.finetune import FinetunePaths, finetune, place_frozen_modules
-from stages.lib.models import load_pipeline, resolve_device
-from stages.lib.outputs import atomic_dir
-from stages.lib.schema import PipelineConfig
-from stages.lib.tracking import stage_run
+from stages.lib.config.loader import to_flat_dict
+from stages.lib.config.schema import PipelineConfig
+from stages.lib.layout import SOURCE_FILE
+from stages.lib.models.loading import load_pipeline, resolve_device
+from stages.lib.runtime.cli import stage_main
+from stages.lib.runtime.distributed import is_main_process
+from stages.lib.runtime.hashing import hash_files
+from stages.lib.runtime.outputs import atomic_dir
+from stages.lib.tracking.tracker import stage_run
+from stages.lib.training.finetune import FinetunePaths, finetune, place_frozen_modules
 
 
 def run(cfg: PipelineConfig, base_dir: Path, out_dir: Path, paths: FinetunePaths) -> dict[str, float]:

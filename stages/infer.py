@@ -18,11 +18,15 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
-from stages.lib.cli import stage_main
-from stages.lib.config import to_flat_dict
+from stages.lib.config.loader import to_flat_dict
+from stages.lib.config.schema import PipelineConfig
 from stages.lib.errors import StageError
-from stages.lib.images import save_image
-from stages.lib.inference import (
+from stages.lib.imaging.images import save_image
+from stages.lib.layout import LORA_WEIGHT_NAME, featured_lora_dir
+from stages.lib.models.loading import load_pipeline, resolve_device
+from stages.lib.runtime.cli import stage_main
+from stages.lib.runtime.outputs import atomic_dir
+from stages.lib.sampling.inference import (
     Generation,
     InferIndex,
     generate,
@@ -30,12 +34,8 @@ from stages.lib.inference import (
     prompt_slugs,
     sampling_kwargs,
 )
-from stages.lib.models import load_pipeline, resolve_device
-from stages.lib.outputs import atomic_dir
-from stages.lib.sampling import prepare_for_sampling
-from stages.lib.schema import PipelineConfig
-from stages.lib.tracking import StageTracker, stage_run
-from stages.lora import WEIGHT_NAME, featured_lora_dir
+from stages.lib.sampling.sampler import prepare_for_sampling
+from stages.lib.tracking.tracker import StageTracker, stage_run
 
 log = logging.getLogger(__name__)
 VARIANT_KINDS = ("base", "dreambooth", "lora", "lora_extracted")
@@ -68,7 +68,9 @@ def lora_variants(cfg: PipelineConfig, paths: InferPaths) -> list[Variant]:
     featured_lora_dir(cfg.lora, paths.lora_root)  # a clear error when lora.rank is not trained
     ranks = list(cfg.lora.ranks) if cfg.infer.all_ranks else [cfg.lora.rank]
     missing = [
-        f"r{r} (dvc repro lora@{r})" for r in ranks if not (paths.lora_root / f"r{r}" / WEIGHT_NAME).is_file()
+        f"r{r} (dvc repro lora@{r})"
+        for r in ranks
+        if not (paths.lora_root / f"r{r}" / LORA_WEIGHT_NAME).is_file()
     ]
     if missing:
         raise StageError(f"{paths.lora_root}: LoRA weights missing, train them first: {', '.join(missing)}")
@@ -87,11 +89,13 @@ def plan_variants(cfg: PipelineConfig, paths: InferPaths) -> tuple[list[Variant]
             planned.append(Variant(kind, paths.base if kind == "base" else paths.dreambooth))
         elif kind == "lora":
             planned += lora_variants(cfg, paths)
-        elif paths.extracted is not None and (paths.extracted / WEIGHT_NAME).is_file():
+        elif paths.extracted is not None and (paths.extracted / LORA_WEIGHT_NAME).is_file():
             planned.append(Variant(kind, paths.base, paths.extracted))
         else:
             where = (
-                f"no {WEIGHT_NAME} in {paths.extracted}" if paths.extracted else "no --lora-extracted given"
+                f"no {LORA_WEIGHT_NAME} in {paths.extracted}"
+                if paths.extracted
+                else "no --lora-extracted given"
             )
             skipped[kind] = f"{where} (convert.extract_rank=0 or the convert stage has not run)"
             log.info("skipping variant %s: %s", kind, skipped[kind])
@@ -104,7 +108,7 @@ def _sample(
     """Generate one variant, loading its LoRA under its own adapter name and unloading it afterwards."""
     if variant.lora is None:
         return _sample_prompts(pipe, variant, cfg, out_dir)
-    pipe.load_lora_weights(variant.lora, weight_name=WEIGHT_NAME, adapter_name=variant.name)
+    pipe.load_lora_weights(variant.lora, weight_name=LORA_WEIGHT_NAME, adapter_name=variant.name)
     try:
         return _sample_prompts(pipe, variant, cfg, out_dir)
     finally:

@@ -13,19 +13,18 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig as PeftLoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from stages.lib.checkpoints import hash_files
-from stages.lib.cli import stage_main
-from stages.lib.config import to_flat_dict
-from stages.lib.distributed import is_main_process
+from stages.lib.config.loader import to_flat_dict
+from stages.lib.config.schema import LoraConfig, PipelineConfig
 from stages.lib.errors import StageError
-from stages.lib.finetune import FinetunePaths, finetune, place_frozen_modules
-from stages.lib.models import load_pipeline, resolve_device
-from stages.lib.outputs import atomic_dir
-from stages.lib.schema import LoraConfig, PipelineConfig
-from stages.lib.seeding import seeded
-from stages.lib.tracking import stage_run
-
-WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+from stages.lib.layout import LORA_WEIGHT_NAME
+from stages.lib.models.loading import load_pipeline, resolve_device
+from stages.lib.runtime.cli import stage_main
+from stages.lib.runtime.distributed import is_main_process
+from stages.lib.runtime.hashing import hash_files
+from stages.lib.runtime.outputs import atomic_dir
+from stages.lib.runtime.seeding import seeded
+from stages.lib.tracking.tracker import stage_run
+from stages.lib.training.finetune import FinetunePaths, finetune, place_frozen_modules
 
 
 def peft_config(cfg: LoraConfig, rank: int) -> PeftLoraConfig:
@@ -36,17 +35,6 @@ def peft_config(cfg: LoraConfig, rank: int) -> PeftLoraConfig:
         init_lora_weights="gaussian",
         target_modules=list(cfg.target_modules),
     )
-
-
-def featured_lora_dir(cfg: LoraConfig, lora_root: Path) -> Path:
-    """The adapter that downstream stages feature (``lora.rank``); it must be one of ``lora.ranks``."""
-    if cfg.rank not in cfg.ranks:
-        wanted = sorted({*cfg.ranks, cfg.rank})
-        raise StageError(
-            f"lora.rank={cfg.rank} is not trained (lora.ranks={list(cfg.ranks)}). "
-            f"Add it: dvc exp run -S 'lora.ranks=[{','.join(map(str, wanted))}]' -S lora.rank={cfg.rank}"
-        )
-    return lora_root / f"r{cfg.rank}"
 
 
 def run(
@@ -87,7 +75,7 @@ def run(
                 StableDiffusionPipeline.save_lora_weights(
                     tmp,
                     unet_lora_layers=layers,
-                    weight_name=WEIGHT_NAME,
+                    weight_name=LORA_WEIGHT_NAME,
                     unet_lora_adapter_metadata=pipe.unet.peft_config[
                         "default"
                     ].to_dict(),  # keeps alpha != rank

@@ -21,15 +21,15 @@ from PIL import Image, ImageDraw, UnidentifiedImageError
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from stages.lib.cli import stage_main
-from stages.lib.config import ConfigError, to_flat_dict
-from stages.lib.errors import StageError
-from stages.lib.faces import focal_crop
-from stages.lib.images import make_grid, save_image, to_rgb
-from stages.lib.manifest import MANIFEST, Manifest, ManifestEntry, Rejection
-from stages.lib.outputs import atomic_dir
-from stages.lib.schema import PipelineConfig, PrepConfig
-from stages.lib.tracking import stage_run
+from stages.lib.config.loader import to_flat_dict
+from stages.lib.config.schema import PipelineConfig, PrepConfig
+from stages.lib.errors import ConfigError, StageError
+from stages.lib.imaging.faces import focal_crop
+from stages.lib.imaging.images import make_grid, save_image, to_rgb
+from stages.lib.imaging.manifest import MANIFEST, Manifest, ManifestEntry, Rejection
+from stages.lib.runtime.cli import stage_main
+from stages.lib.runtime.outputs import atomic_dir
+from stages.lib.tracking.tracker import stage_run
 
 log = logging.getLogger("stages.prep")
 

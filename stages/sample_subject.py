@@ -1,7 +1,7 @@
 """Stage `sample_subject`: draw the embedded sample subject, one consistent stylised person, offline.
 
 Every "photo" shows the same identity (``SUBJECT``, which the miniature world's pretraining data never shows) with
-a varied pose, scale, position, world scene (stages/lib/world.py) and size,
+a varied pose, scale, position, world scene (stages/lib/miniature/world.py) and size,
 saved as a mix of JPEG and PNG; some JPEGs are stored sideways with an EXIF orientation tag so that prep's
 EXIF handling is exercised. A photo taken in a scene gets a caption naming it (``subject_002.txt``: "a photo of sks
 man face in a kitchen"), as a user would caption such photos for DreamBooth, so that training binds ``sks`` to the
@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from stages.lib.cli import stage_main
-from stages.lib.config import ConfigError
-from stages.lib.face_render import SUBJECT, FaceAttributes
-from stages.lib.outputs import atomic_dir
-from stages.lib.schema import PipelineConfig, SampleSubjectConfig
-from stages.lib.world import SCENE_SUFFIX, apply_style, paint_scene, place_person
+from stages.lib.config.schema import PipelineConfig, SampleSubjectConfig
+from stages.lib.errors import ConfigError
+from stages.lib.miniature.face_render import SUBJECT, FaceAttributes
+from stages.lib.miniature.world import SCENE_SUFFIX, apply_style, paint_scene, place_person
+from stages.lib.runtime.cli import stage_main
+from stages.lib.runtime.outputs import atomic_dir
 
 MIN_IMAGE_SIDE = 64  # the tiny profile's prep resolution
 EXIF_ORIENTATION_TAG = 0x0112

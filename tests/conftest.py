@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from stages.lib.config import load_config
-from stages.lib.schema import PipelineConfig
+from stages.lib.config.loader import load_config
+from stages.lib.config.schema import PipelineConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from stages.lib.annotators import AnnotatorError, annotate_pixels, canny, canny_edges, get_annotator
-from stages.lib.edge_metrics import edge_score, tolerance_pixels
+from stages.lib.imaging.annotators import AnnotatorError, annotate_pixels, canny, canny_edges, get_annotator
+from stages.lib.metrics.edge_metrics import edge_score, tolerance_pixels
 
 
 def _square(size: int = 64, lo: int = 20, hi: int = 44) -> Image.Image:

@@ -13,9 +13,10 @@ from transformers import CLIPTextModel
 
 from stages import __main__ as stages_main
 from stages import base
-from stages.lib.models import ModelLoadError, load_base_source, load_pipeline
-from stages.lib.schema import ModelConfig, PipelineConfig
-from stages.lib.tracking_sidecar import take_prestarted
+from stages.lib.config.schema import ModelConfig, PipelineConfig
+from stages.lib.models.base_source import load_base_source
+from stages.lib.models.loading import ModelLoadError, load_pipeline
+from stages.lib.tracking.sidecar import take_prestarted
 
 UNET = "unet/diffusion_pytorch_model.safetensors"
 

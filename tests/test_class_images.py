@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from stages import base, class_images
-from stages.lib.schema import PipelineConfig
+from stages.lib.config.schema import PipelineConfig
 
 
 @pytest.fixture

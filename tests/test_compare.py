@@ -27,11 +27,11 @@ from transformers import (
 
 from stages import compare, dreambooth, infer, lora
 from stages.compose import compose
+from stages.lib.config.schema import PipelineConfig
 from stages.lib.errors import StageError
-from stages.lib.image_metrics import embed, subject_similarity
-from stages.lib.inference import InferIndex, prompt_slugs
-from stages.lib.schema import PipelineConfig
-from stages.lib.tokenizer import build_clip_tokenizer
+from stages.lib.metrics.image_metrics import embed, subject_similarity
+from stages.lib.models.tokenizer import build_clip_tokenizer
+from stages.lib.sampling.inference import InferIndex, prompt_slugs
 from stages.sample_subject import SUBJECT, FaceAttributes, compose_photo
 
 from .conftest import PROJECT_ROOT

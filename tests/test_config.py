@@ -9,8 +9,9 @@ import yaml
 from hydra.errors import ConfigCompositionException
 
 from stages.compose import compose
-from stages.lib.config import ConfigError, build_section, load_config
-from stages.lib.schema import PipelineConfig
+from stages.lib.config.loader import build_section, load_config
+from stages.lib.config.schema import PipelineConfig
+from stages.lib.errors import ConfigError
 
 from .conftest import PROJECT_ROOT
 

@@ -17,9 +17,11 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from stages import controlnet, controlnet_train, dreambooth, lora
-from stages.lib.annotators import annotate_pixels, get_annotator
-from stages.lib.config import load_config
-from stages.lib.controlnet import (
+from stages.lib.config.loader import load_config
+from stages.lib.errors import StageError
+from stages.lib.imaging.annotators import annotate_pixels, get_annotator
+from stages.lib.metrics.edge_metrics import DEFAULT_TOLERANCE_FRACTION
+from stages.lib.models.controlnet_model import (
     COND_EMBEDDING_CHANNELS,
     CONTROLNET_CONFIG_DIR,
     ControlledUNet,
@@ -28,12 +30,10 @@ from stages.lib.controlnet import (
     controlnet_to_original,
     load_controlnet,
 )
-from stages.lib.edge_metrics import DEFAULT_TOLERANCE_FRACTION
-from stages.lib.errors import StageError
-from stages.lib.finetune import encode_prompt
-from stages.lib.models import load_pipeline
-from stages.lib.train_data import encode_latents, load_instance_set
-from stages.lib.training import Batch
+from stages.lib.models.loading import load_pipeline
+from stages.lib.training.data import encode_latents, load_instance_set
+from stages.lib.training.finetune import encode_prompt
+from stages.lib.training.trainer import Batch
 
 from .conftest import PROJECT_ROOT
 from .training_fixtures import RES, TinyWorld, new_world

@@ -19,13 +19,18 @@ from safetensors.torch import load_file
 from stages import convert, dreambooth, lora
 from stages.base import file_sha256
 from stages.compose import compose
+from stages.lib.config.schema import PipelineConfig
 from stages.lib.errors import StageError
-from stages.lib.export_checks import moved_towards, text_encoder_changed, unet_probe
-from stages.lib.lora_extract import extract_lora, save_extracted, target_linears
-from stages.lib.lora_formats import BIN_WEIGHT, DIFFUSERS_WEIGHT, kohya_to_diffusers, split_diffusers_key
-from stages.lib.models import load_pipeline
-from stages.lib.schema import PipelineConfig
-from stages.lib.single_file import load_single_file
+from stages.lib.models.export_checks import moved_towards, text_encoder_changed, unet_probe
+from stages.lib.models.loading import load_pipeline
+from stages.lib.models.lora_extract import extract_lora, save_extracted, target_linears
+from stages.lib.models.lora_formats import (
+    BIN_WEIGHT,
+    DIFFUSERS_WEIGHT,
+    kohya_to_diffusers,
+    split_diffusers_key,
+)
+from stages.lib.models.single_file import load_single_file
 
 from .conftest import PROJECT_ROOT
 from .test_single_file import write_config_dir

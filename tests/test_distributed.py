@@ -18,8 +18,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from stages import dreambooth
-from stages.lib.distributed import launch_command
-from stages.lib.schema import ComputeConfig, PipelineConfig
+from stages.lib.config.schema import ComputeConfig, PipelineConfig
+from stages.lib.runtime.distributed import launch_command
 
 from .training_fixtures import TinyWorld, new_world
 

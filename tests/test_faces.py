@@ -1,4 +1,4 @@
-"""Face detection and focal-point crops (stages/lib/faces.py)."""
+"""Face detection and focal-point crops (stages/lib/imaging/faces.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from stages.lib.faces import Box, detect_faces, face_detection_rate, focal_crop, salient_point, square_box
+from stages.lib.imaging.faces import (
+    Box,
+    detect_faces,
+    face_detection_rate,
+    focal_crop,
+    salient_point,
+    square_box,
+)
 
 ASTRONAUT_FACE = Box(177, 66, 272, 161)  # where the Haar cascade finds it in skimage's 512x512 photo
 FACE_PATCH = (140, 20, 320, 200)  # astronaut crop pasted into synthetic scenes (face plus margin)

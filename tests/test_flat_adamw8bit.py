@@ -15,7 +15,7 @@ import pytest
 import torch
 from diffusers.optimization import get_scheduler
 
-from stages.lib.flat_adamw8bit import (
+from stages.lib.training.flat_adamw8bit import (
     CodeTables,
     FlatAdamW8bit,
     Hyper,
@@ -147,7 +147,7 @@ def test_cpu_uses_the_torch_backend_without_triton() -> None:
     assert flat_adamw8bit_available(torch.device("cpu"))[0]
     opt = FlatAdamW8bit([torch.nn.Parameter(torch.zeros(3))], lr=1e-3)
     assert opt.backend == "torch"
-    assert "stages.lib.flat_adamw8bit_triton" not in sys.modules
+    assert "stages.lib.training.flat_adamw8bit_triton" not in sys.modules
 
 
 # --- behaviour ----------------------------------------------------------------------------------------------

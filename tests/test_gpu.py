@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from stages import dreambooth, lora
-from stages.lib import optim
-from stages.lib.config import load_config
+from stages.lib.config.loader import load_config
+from stages.lib.training import optim
 
 from .conftest import PROJECT_ROOT
 from .training_fixtures import TinyWorld, build_world, tiny_training_cfg
@@ -45,7 +45,7 @@ def optimizer_types(monkeypatch) -> list[str]:
         seen.append(type(opt).__module__ + "." + type(opt).__name__)
         return opt
 
-    monkeypatch.setattr("stages.lib.training.make_optimizer", recording)
+    monkeypatch.setattr("stages.lib.training.trainer.make_optimizer", recording)
     return seen
 
 
@@ -54,7 +54,7 @@ def test_dreambooth_bf16_adamw8bit_on_cuda(world: TinyWorld, optimizer_types: li
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no 8-bit fallback on CUDA
         metrics = dreambooth.run(world.cfg, world.base_dir, out, world.paths("db"))
-    assert optimizer_types == ["stages.lib.flat_adamw8bit.FlatAdamW8bit"], optimizer_types
+    assert optimizer_types == ["stages.lib.training.flat_adamw8bit.FlatAdamW8bit"], optimizer_types
     assert metrics["val_loss"] < 0.5 * metrics["val_loss_start"], metrics
     assert metrics["peak_memory_mb"] > 0
     weights = load_file(out / "unet/diffusion_pytorch_model.safetensors")
@@ -141,7 +141,7 @@ def test_captured_step_trains_like_the_eager_step(world: TinyWorld) -> None:
 
 
 def test_captured_step_refuses_a_non_finite_loss(world: TinyWorld) -> None:
-    from stages.lib.training import NonFiniteLossError
+    from stages.lib.training.trainer import NonFiniteLossError
 
     cfg = copy.deepcopy(world.cfg)
     cfg.dreambooth.learning_rate = 1e30

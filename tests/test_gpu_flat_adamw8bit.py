@@ -10,7 +10,12 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from stages.lib.flat_adamw8bit import CodeTables, FlatAdamW8bit, flat_adamw8bit_available, quantize_codes
+from stages.lib.training.flat_adamw8bit import (
+    CodeTables,
+    FlatAdamW8bit,
+    flat_adamw8bit_available,
+    quantize_codes,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -63,7 +68,7 @@ def _code_mismatch(a: torch.Tensor, b: torch.Tensor) -> tuple[float, int]:
 @pytest.mark.parametrize("signed", [True, False])
 def test_kernel_quantisation_equals_reference(signed: bool, direct: bool) -> None:
     """Codes, midpoints, their float neighbours, decade edges, 0, -0, NaN and random values: identical codes."""
-    from stages.lib.flat_adamw8bit_triton import quantize
+    from stages.lib.training.flat_adamw8bit_triton import quantize
 
     tables = CodeTables.build(CUDA)
     code = tables.code_signed if signed else tables.code_unsigned

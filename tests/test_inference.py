@@ -12,9 +12,10 @@ from safetensors.torch import load_file
 
 from stages import base
 from stages.compose import compose
-from stages.lib.config import load_config
+from stages.lib.config.loader import load_config
 from stages.lib.errors import StageError
-from stages.lib.inference import (
+from stages.lib.models.loading import load_pipeline
+from stages.lib.sampling.inference import (
     LATENTS_FILE,
     Generation,
     generate,
@@ -23,7 +24,6 @@ from stages.lib.inference import (
     short_labels,
     slugify,
 )
-from stages.lib.models import load_pipeline
 
 from .conftest import PROJECT_ROOT, without_pretraining
 

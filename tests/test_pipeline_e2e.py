@@ -23,8 +23,8 @@ from mlflow.tracking import MlflowClient
 from benchmarks import lora_rank_sweep
 from stages.compose import compose
 from stages.infer import Variant
-from stages.lib.attribute_reader import load_reader
-from stages.lib.config import load_config
+from stages.lib.config.loader import load_config
+from stages.lib.miniature.attribute_reader import load_reader
 
 from .conftest import PROJECT_ROOT
 from .e2e_repo import PRETRAIN_STEPS, VENV_BIN, sh

@@ -13,13 +13,13 @@ import pytest
 from benchmarks import dreambooth_sweep, lora_rank_sweep
 from stages import dreambooth
 from stages.compose import compose
-from stages.lib.attribute_reader import AttributeReader, load_reader
-from stages.lib.config import load_config
-from stages.lib.finetune import FinetunePaths
-from stages.lib.inference import generate, sampling_kwargs
-from stages.lib.models import load_pipeline
-from stages.lib.schema import PipelineConfig
-from stages.lib.world_metrics import class_scores
+from stages.lib.config.loader import load_config
+from stages.lib.config.schema import PipelineConfig
+from stages.lib.miniature.attribute_reader import AttributeReader, load_reader
+from stages.lib.miniature.world_metrics import class_scores
+from stages.lib.models.loading import load_pipeline
+from stages.lib.sampling.inference import generate, sampling_kwargs
+from stages.lib.training.finetune import FinetunePaths
 
 pytestmark = pytest.mark.slow
 CLASS_PROMPT_IMAGES = 32  # per model: enough pairs for a stable diversity estimate

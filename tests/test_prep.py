@@ -14,11 +14,10 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from stages.lib.config import ConfigError
-from stages.lib.errors import StageError
-from stages.lib.faces import Box
-from stages.lib.manifest import MANIFEST, Manifest
-from stages.lib.schema import PipelineConfig
+from stages.lib.config.schema import PipelineConfig
+from stages.lib.errors import ConfigError, StageError
+from stages.lib.imaging.faces import Box
+from stages.lib.imaging.manifest import MANIFEST, Manifest
 from stages.prep import main, run
 from stages.sample_subject import save_photo
 from tests.test_faces import face_scene, object_scene

@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
 from stages import base
-from stages.lib.attribute_reader import READER_DIR, load_reader
-from stages.lib.schema import PipelineConfig
-from stages.lib.train_data import LatentCache
-from stages.lib.training import TrainingData
+from stages.lib.config.schema import PipelineConfig
+from stages.lib.miniature.attribute_reader import READER_DIR, load_reader
+from stages.lib.training.data import LatentCache
+from stages.lib.training.trainer import TrainingData
 
 UNET = "unet/diffusion_pytorch_model.safetensors"
 TEXT_ENCODER = "text_encoder/model.safetensors"
@@ -56,7 +56,7 @@ def test_rows_encode_each_images_caption_when_the_text_encoder_trains() -> None:
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, float], PipelineConfig]:
     from stages.compose import compose
-    from stages.lib.config import load_config
+    from stages.lib.config.loader import load_config
 
     from .conftest import PROJECT_ROOT
 

@@ -10,10 +10,10 @@ from omegaconf import OmegaConf
 from PIL import Image, ImageOps
 
 from stages import prep, sample_subject
-from stages.lib.config import ConfigError
-from stages.lib.face_render import SUBJECT, draw_face
-from stages.lib.faces import detect_faces
-from stages.lib.schema import PipelineConfig, SampleSubjectConfig
+from stages.lib.config.schema import PipelineConfig, SampleSubjectConfig
+from stages.lib.errors import ConfigError
+from stages.lib.imaging.faces import detect_faces
+from stages.lib.miniature.face_render import SUBJECT, draw_face
 from stages.sample_subject import EXIF_ORIENTATION_TAG, encode_orientation
 
 NUM = 6

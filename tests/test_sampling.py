@@ -17,11 +17,12 @@ from PIL import Image
 
 from stages import base, class_images
 from stages.compose import compose
-from stages.lib import sampling
-from stages.lib.config import ConfigError, build_section, load_config
-from stages.lib.errors import StageError
-from stages.lib.models import load_pipeline
-from stages.lib.sampling import (
+from stages.lib.config.loader import build_section, load_config
+from stages.lib.config.schema import ComputeConfig, PipelineConfig
+from stages.lib.errors import ConfigError, StageError
+from stages.lib.models.loading import load_pipeline
+from stages.lib.sampling import sampler
+from stages.lib.sampling.sampler import (
     AUTO,
     ImageWriter,
     Job,
@@ -31,7 +32,6 @@ from stages.lib.sampling import (
     prepare_for_sampling,
     sample,
 )
-from stages.lib.schema import ComputeConfig, PipelineConfig
 
 from .conftest import PROJECT_ROOT, without_pretraining
 
@@ -106,7 +106,7 @@ def _max_diff(result: dict, reference: dict) -> tuple[int, float]:
 
 
 def test_images_and_latents_do_not_depend_on_batch_size_and_equal_plain_calls(pipe, plain, by_batch_size):
-    assert sampling.auto_batch_size(pipe, 64, 64, 3.0) >= len(JOBS), "auto: one call for the tiny default"
+    assert sampler.auto_batch_size(pipe, 64, 64, 3.0) >= len(JOBS), "auto: one call for the tiny default"
     assert _max_diff(by_batch_size[1], plain) == (0, 0.0), "one image per call is the plain call exactly"
     for size in (3, AUTO):
         # batched matmuls round the last float bits differently: within one grey level
@@ -142,9 +142,9 @@ def test_out_of_memory_halves_the_batch_and_loses_or_changes_no_image(pipe, tmp_
 
 
 def test_batches_are_balanced_in_job_order() -> None:
-    sizes = [len(b) for b in sampling._batches(list(range(40)), 32)]
-    assert sizes == [20, 20] and [len(b) for b in sampling._batches(list(range(7)), 3)] == [3, 2, 2]
-    assert sum(sampling._batches(list(range(10)), 4), []) == list(range(10))
+    sizes = [len(b) for b in sampler._batches(list(range(40)), 32)]
+    assert sizes == [20, 20] and [len(b) for b in sampler._batches(list(range(7)), 3)] == [3, 2, 2]
+    assert sum(sampler._batches(list(range(10)), 4), []) == list(range(10))
 
 
 def test_auto_batch_size_on_cuda_follows_free_memory(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -156,7 +156,7 @@ def test_auto_batch_size_on_cuda_follows_free_memory(monkeypatch: pytest.MonkeyP
     fake = SimpleNamespace(
         _execution_device=torch.device("cuda", 0), unet=SimpleNamespace(dtype=torch.float16)
     )
-    assert auto_batch_size(fake, 512, 512, 7.5) == sampling.MAX_AUTO_BATCH
+    assert auto_batch_size(fake, 512, 512, 7.5) == sampler.MAX_AUTO_BATCH
     free["bytes"] = 8 * gib  # (8 - 1) GiB at 0.6 GiB an image
     assert auto_batch_size(fake, 512, 512, 7.5) == 11
     assert auto_batch_size(fake, 768, 768, 7.5) == 5  # 2.25x the pixels
@@ -230,9 +230,9 @@ def test_class_images_auto_equal_one_per_call(pipe, tmp_path) -> None:
 def test_levers_stay_off_on_cpu_and_within_tolerance_when_forced(base_dir, plain) -> None:
     levered = load_pipeline(base_dir)
     assert prepare_for_sampling(levered, ComputeConfig(channels_last=True, fuse_qkv=True)) is levered
-    assert not sampling._is_fused(levered.unet), "levers are for CUDA: on the CPU none speeds the tiny model"
+    assert not sampler._is_fused(levered.unet), "levers are for CUDA: on the CPU none speeds the tiny model"
     apply_levers(levered, channels_last=True, fuse_qkv=True)
-    assert sampling._is_fused(levered.unet) and sampling._is_fused(levered.vae)
+    assert sampler._is_fused(levered.unet) and sampler._is_fused(levered.vae)
     assert levered.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     fused = sample(levered, JOBS[:3], batch_size=1, keep_latents=True, **CALL)
     images, latents = _max_diff(fused, {k: plain[k] for k in fused})
@@ -243,9 +243,9 @@ def test_levers_stay_off_on_cpu_and_within_tolerance_when_forced(base_dir, plain
     lora = LoraConfig(r=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False)
     levered.unet.add_adapter(lora, adapter_name="probe")
     with_lora = sample(levered, JOBS[:1], batch_size=1, **CALL)
-    assert not sampling._is_fused(levered.unet)
+    assert not sampler._is_fused(levered.unet)
     assert np.abs(_pixels(with_lora[0].image) - plain[0][0]).max() > 8, "the adapter changes the image"
     levered.unet.unload_lora()
     again = sample(levered, JOBS[:1], batch_size=1, **CALL)
-    assert sampling._is_fused(levered.unet)
+    assert sampler._is_fused(levered.unet)
     assert np.array_equal(_pixels(again[0].image), _pixels(fused[0].image))

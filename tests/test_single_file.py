@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from stages.lib.models import SD15_CONFIG_DIR
-from stages.lib.single_file import (
+from stages.lib.models.loading import SD15_CONFIG_DIR
+from stages.lib.models.single_file import (
     SingleFileError,
     diffusers_reads_ckpt_weights_only,
     load_single_file,
@@ -24,7 +24,7 @@ from stages.lib.single_file import (
     save_single_file,
     sd15_config_dir,
 )
-from stages.lib.tokenizer import VOCAB_SIZE
+from stages.lib.models.tokenizer import VOCAB_SIZE
 
 Components = dict[str, nn.Module]
 

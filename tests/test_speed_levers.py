@@ -12,14 +12,14 @@ import torch
 from diffusers import DDPMScheduler
 from peft import LoraConfig as PeftLoraConfig
 
-from stages.lib.checkpoints import CheckpointStore
-from stages.lib.finetune import encode_prompt, half_frozen_layers
-from stages.lib.graphed_step import unpack
-from stages.lib.schema import TinyModelConfig, TrackingConfig, TrainConfig
-from stages.lib.tiny_model import build_tiny_pipeline
-from stages.lib.tracking import StageTracker
-from stages.lib.train_data import ImageSet, encode_latents
-from stages.lib.training import DiffusionTrainer, TrainingData, accelerator_for, segments
+from stages.lib.config.schema import TinyModelConfig, TrackingConfig, TrainConfig
+from stages.lib.miniature.tiny_model import build_tiny_pipeline
+from stages.lib.tracking.tracker import StageTracker
+from stages.lib.training.checkpoints import CheckpointStore
+from stages.lib.training.data import ImageSet, encode_latents
+from stages.lib.training.finetune import encode_prompt, half_frozen_layers
+from stages.lib.training.graphed_step import unpack
+from stages.lib.training.trainer import DiffusionTrainer, TrainingData, accelerator_for, segments
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer
 
-from stages.lib.tokenizer import MODEL_MAX_LENGTH, VOCAB_SIZE, build_clip_tokenizer
+from stages.lib.models.tokenizer import MODEL_MAX_LENGTH, VOCAB_SIZE, build_clip_tokenizer
 
 
 def test_known_ids_and_sd_padding(tmp_path: Path) -> None:

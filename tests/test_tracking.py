@@ -12,9 +12,9 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from stages.lib.schema import TrackingConfig
-from stages.lib.tracking import stage_run, tracking_uri
-from stages.lib.tracking_sidecar import SidecarRun
+from stages.lib.config.schema import TrackingConfig
+from stages.lib.tracking.sidecar import SidecarRun
+from stages.lib.tracking.tracker import stage_run, tracking_uri
 
 from .conftest import PROJECT_ROOT
 
@@ -145,8 +145,8 @@ def test_stage_process_never_imports_mlflow_with_the_sidecar(tmp_path: Path, sto
     script = f"""
 import sys
 from PIL import Image
-from stages.lib.schema import TrackingConfig
-from stages.lib.tracking import stage_run
+from stages.lib.config.schema import TrackingConfig
+from stages.lib.tracking.tracker import stage_run
 cfg = TrackingConfig(uri="{store.uri}", experiment_name="{store.experiment_name}")
 with stage_run("demo", cfg, {{"x": 1}}, "{tmp_path / "reports"}") as tracker:
     tracker.log_metrics({{"loss": 0.25}}, step=1)

@@ -21,14 +21,13 @@ from safetensors.torch import load_file
 
 from stages import dreambooth, lora
 from stages.compose import compose
-from stages.lib import losses
-from stages.lib.config import to_flat_dict
+from stages.lib.config.loader import to_flat_dict
 from stages.lib.errors import StageError
-from stages.lib.finetune import FinetunePaths, build_training_data
-from stages.lib.manifest import MANIFEST, Manifest
-from stages.lib.subject_metrics import nearest_subject_distance, sample_latents
-from stages.lib.train_data import encode_latents, load_instance_set
-from stages.lib.training import NonFiniteLossError
+from stages.lib.imaging.manifest import MANIFEST, Manifest
+from stages.lib.metrics.subject_metrics import nearest_subject_distance, sample_latents
+from stages.lib.training.data import encode_latents, load_instance_set
+from stages.lib.training.finetune import FinetunePaths, build_training_data
+from stages.lib.training.trainer import NonFiniteLossError, losses
 
 from .conftest import PROJECT_ROOT
 from .training_fixtures import RES, TinyWorld, new_world
@@ -223,7 +222,7 @@ def test_non_finite_loss_stops_with_clear_message_and_keeps_checkpoint(world, mo
         out = real(pred, target, weights)
         return out * float("nan") if calls["n"] > 15 else out
 
-    monkeypatch.setattr("stages.lib.training.per_sample_mse", poisoned)
+    monkeypatch.setattr("stages.lib.training.trainer.per_sample_mse", poisoned)
     cfg = copy.deepcopy(world.cfg)
     cfg.dreambooth.validation_steps = 1000  # keep probes from consuming calls
     paths = world.paths("db_nan")
@@ -235,7 +234,7 @@ def test_non_finite_loss_stops_with_clear_message_and_keeps_checkpoint(world, mo
 
 
 def test_flat_params_are_logged_names() -> None:
-    from stages.lib.schema import TrainConfig
+    from stages.lib.config.schema import TrainConfig
 
     flat = to_flat_dict(TrainConfig(), "dreambooth.")
     assert flat["dreambooth.learning_rate"] == 2e-6 and "dreambooth.max_train_steps" in flat

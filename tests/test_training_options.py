@@ -14,10 +14,10 @@ from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
 from stages import dreambooth
-from stages.lib.losses import min_snr_weights, sample_noise
-from stages.lib.optim import make_optimizer
-from stages.lib.schema import TrainConfig
-from stages.lib.train_data import face_weight_maps
+from stages.lib.config.schema import TrainConfig
+from stages.lib.training.data import face_weight_maps
+from stages.lib.training.losses import min_snr_weights, sample_noise
+from stages.lib.training.optim import make_optimizer
 
 from .training_fixtures import TinyWorld, new_world, tiny_training_cfg
 

@@ -7,19 +7,19 @@ import numpy as np
 import pytest
 import torch
 
-from stages.lib import world_metrics as wm
-from stages.lib.attribute_reader import (
+from stages.lib.config.schema import TinyModelConfig
+from stages.lib.imaging.images import to_pixels
+from stages.lib.miniature import world_metrics as wm
+from stages.lib.miniature.attribute_reader import (
     ReaderTraining,
     label_tensors,
     load_reader,
     save_reader,
     train_reader,
 )
-from stages.lib.images import to_pixels
-from stages.lib.schema import TinyModelConfig
-from stages.lib.tiny_model import tiny_vae
-from stages.lib.tiny_vae import PIXEL_MEAN
-from stages.lib.world import (
+from stages.lib.miniature.tiny_model import tiny_vae
+from stages.lib.miniature.tiny_vae import PIXEL_MEAN
+from stages.lib.miniature.world import (
     ATTRIBUTES,
     SUBJECT_IDENTITY,
     Identity,
@@ -121,7 +121,7 @@ def test_reference_row_reads_the_photos_through_the_vae(reader_and_data) -> None
     """compare's `prepared_photos` row: the subject's photos, decoded from the base VAE's latents, read as the
     subject; another person's photos, through the same VAE, do not."""
     from stages.compare import reference_scores
-    from stages.lib.image_metrics import encode_references
+    from stages.lib.metrics.image_metrics import encode_references
 
     reader, _, _ = reader_and_data
     vae = tiny_vae(TinyModelConfig())
@@ -164,8 +164,8 @@ def test_world_metric_arithmetic() -> None:
 def test_compare_reads_subject_and_drift_off_infer_outputs(reader_and_data, tmp_path) -> None:
     """compare.world_scores on an infer index: subject images score as the subject, world images do not."""
     from stages.compare import world_scores
-    from stages.lib.images import save_image
-    from stages.lib.inference import InferIndex
+    from stages.lib.imaging.images import save_image
+    from stages.lib.sampling.inference import InferIndex
 
     reader, _, _ = reader_and_data
     rng = np.random.default_rng(1)

@@ -9,9 +9,9 @@ import numpy as np
 from PIL import Image
 
 from stages import base, class_images
-from stages.lib.finetune import FinetunePaths
-from stages.lib.manifest import MANIFEST, Manifest, ManifestEntry
-from stages.lib.schema import PipelineConfig
+from stages.lib.config.schema import PipelineConfig
+from stages.lib.imaging.manifest import MANIFEST, Manifest, ManifestEntry
+from stages.lib.training.finetune import FinetunePaths
 
 from .conftest import without_pretraining
 
@@ -86,7 +86,7 @@ def build_world(cfg: PipelineConfig, root: Path) -> TinyWorld:
 def new_world(factory, name: str, tracking_uri: str | None = None) -> TinyWorld:
     """A tiny world in a fresh temporary folder, from the tiny profile composed like DVC does."""
     from stages.compose import compose  # imports DVC, which the GPU machine does not have
-    from stages.lib.config import load_config
+    from stages.lib.config.loader import load_config
 
     from .conftest import PROJECT_ROOT
 

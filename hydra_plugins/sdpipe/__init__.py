@@ -7,6 +7,6 @@ DVC composes ``conf/`` in its own process and imports no project code; Hydra imp
 
 from hydra.core.config_store import ConfigStore
 
-from stages.lib.schema import PipelineConfig
+from stages.lib.config.schema import PipelineConfig
 
 ConfigStore.instance().store(name="config_schema", node=PipelineConfig)

@@ -3,3 +3,7 @@
 
 class StageError(RuntimeError):
     """A stage cannot do its job; ``stage_main`` prints the message on one line and exits with status 2."""
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or invalid; the message names the key and the fix."""

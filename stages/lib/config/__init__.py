@@ -1,0 +1,1 @@
+"""Configuration: the typed schema of params.yaml, loading and validating it."""

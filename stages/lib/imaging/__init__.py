@@ -1,0 +1,1 @@
+"""Images: reading, grids, faces and crops, ControlNet annotators, the prep manifest."""

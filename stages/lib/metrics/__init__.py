@@ -1,0 +1,1 @@
+"""Image metrics: subject and scene similarity, edge agreement."""

@@ -1,0 +1,1 @@
+"""How a stage runs: its command line, processes, output folders, seeding."""

@@ -1,0 +1,1 @@
+"""Sampling: the batched sampler and the inference helpers built on it."""
