@@ -54,6 +54,13 @@ from stages.lib.training.trainer import DiffusionTrainer, TrainingData, accelera
 EAGER = ComputeConfig(cuda_graphs=False, flat_optimizer=False, channels_last=False, fuse_qkv=False,
                       half_frozen_weights=False)  # fmt: skip
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+# The checks' tolerances: the fast step's first loss against the eager step's (bf16 rounding); after the check's
+# steps, the distance between the fast and the eager (bitsandbytes) weights relative to the eager update, and the
+# cosine of the two updates (8-bit state rounding differs between the kernels); images in [0, 1], mean |diff|.
+CHECK_FIRST_LOSS_REL = 2e-2
+CHECK_WEIGHTS_REL = 0.25
+CHECK_UPDATE_COSINE = 0.95
+CHECK_IMAGE_MEAN_ABS = 1e-2
 INFER_PROMPTS = [
     "a photo of sks man face in a kitchen",
     "anime style portrait of sks man face",
@@ -244,6 +251,11 @@ def check_training(bench: Bench, steps: int, lora_rank: int = 0) -> dict[str, fl
         "weights_diff_over_update": float((wf - we).norm() / update) if update > 0 else math.nan,
         "weights_update_cosine": float(torch.nn.functional.cosine_similarity(wf - w0, we - w0, dim=0)),
     }
+    out["passed"] = (
+        out["first_loss_rel_diff"] <= CHECK_FIRST_LOSS_REL
+        and out["weights_diff_over_update"] <= CHECK_WEIGHTS_REL
+        and out["weights_update_cosine"] >= CHECK_UPDATE_COSINE
+    )
     del fast, eager
     return out
 
@@ -334,7 +346,8 @@ def compare_sampling(bench: Bench, kind: str, images: int, plain_batches: list[i
     diff = np.abs(np.stack(ours) - np.stack(ref))
     result.update(steps=steps, images=len(prompts), plain_best_batch=batch, plain_batch_rates=best,
                   check_mean_abs_diff=float(diff.mean()), check_max_abs_diff=float(diff.max()),
-                  check_p99_abs_diff=float(np.quantile(diff, 0.99)))  # fmt: skip
+                  check_p99_abs_diff=float(np.quantile(diff, 0.99)),
+                  check_passed=bool(diff.mean() <= CHECK_IMAGE_MEAN_ABS))  # fmt: skip
     return result
 
 

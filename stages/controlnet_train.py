@@ -47,7 +47,7 @@ from stages.lib.training.finetune import (
 )
 
 LIB = Path(__file__).parent / "lib"
-CODE_FILES = [Path(__file__), LIB / "controlnet.py", LIB / "annotators.py"]
+CODE_FILES = [Path(__file__), LIB / "models" / "controlnet_model.py", LIB / "imaging" / "annotators.py"]
 
 
 def tracked_params(s: ControlNetConfig) -> dict[str, object]:

@@ -12,7 +12,9 @@ import pytest
 from tests.stage_imports import ROOT, import_closure, module_file, stage_commands, uncovered
 
 STAGE_NAMES = sorted(stage_commands())
-STAGE_MODULES = sorted(p.stem for p in (ROOT / "stages").glob("*.py") if p.stem not in {"__init__", "__main__"})
+STAGE_MODULES = sorted(
+    p.stem for p in (ROOT / "stages").glob("*.py") if p.stem not in {"__init__", "__main__"}
+)
 
 
 @pytest.mark.parametrize("stage", STAGE_NAMES)
@@ -66,7 +68,9 @@ def test_no_stage_module_imports_another_stage():
     stage_files = {ROOT / "stages" / f"{name}.py" for name in STAGE_MODULES}
     for path in sorted(stage_files):
         others = sorted(p.stem for p in _project_imports(path) & stage_files)
-        assert not others, f"{path.relative_to(ROOT)} imports the stage(s) {others}: move what they share to stages/lib"
+        assert not others, (
+            f"{path.relative_to(ROOT)} imports the stage(s) {others}: move what they share to stages/lib"
+        )
 
 
 def test_the_project_has_no_import_cycles():
@@ -93,7 +97,9 @@ def test_the_project_has_no_import_cycles():
 def test_no_two_modules_share_a_name_across_stages_and_lib():
     stage_names = {p.stem for p in (ROOT / "stages").glob("*.py")} - {"__init__"}
     lib_names = {p.stem for p in (ROOT / "stages" / "lib").rglob("*.py")} - {"__init__"}
-    assert not stage_names & lib_names, f"stage and library modules with one name: {sorted(stage_names & lib_names)}"
+    assert not stage_names & lib_names, (
+        f"stage and library modules with one name: {sorted(stage_names & lib_names)}"
+    )
 
 
 def test_editing_a_library_module_makes_exactly_its_stages_stale(tmp_path, monkeypatch):
@@ -117,7 +123,9 @@ def test_editing_a_library_module_makes_exactly_its_stages_stale(tmp_path, monke
 
     with Repo(str(repo)) as dvc_repo:
         stages = dvc_repo.index.stages
-        data = [o.fs_path for stage in stages for o in (*stage.outs, *stage.deps) if not Path(o.fs_path).exists()]
+        data = [
+            o.fs_path for stage in stages for o in (*stage.outs, *stage.deps) if not Path(o.fs_path).exists()
+        ]
         for out in map(Path, data):  # every output, and inputs inside outputs (models/export/lora_extracted)
             if out.suffix:
                 out.parent.mkdir(parents=True, exist_ok=True)
@@ -135,4 +143,23 @@ def test_editing_a_library_module_makes_exactly_its_stages_stale(tmp_path, monke
     changed = {name.split(":")[-1] for name in report}  # "dvc.yaml:lora@4" or "lora@4"
     assert {"base", "dreambooth", "controlnet_train"} <= changed, report
     assert any(name.startswith("lora@") for name in changed), report
-    assert not changed & {"sample_subject", "prep", "class_images", "convert", "infer", "compare", "controlnet"}, report
+    assert not changed & {
+        "sample_subject",
+        "prep",
+        "class_images",
+        "convert",
+        "infer",
+        "compare",
+        "controlnet",
+    }, report
+
+
+def test_resume_fingerprints_name_existing_code_files():
+    """The code files hashed into checkpoint fingerprints exist (a renamed module would otherwise fail at run time)."""
+    from stages import controlnet_train
+    from stages.lib.miniature import pretrain
+    from stages.lib.training import finetune
+
+    for module in (controlnet_train, pretrain, finetune):
+        missing = [str(p) for p in module.CODE_FILES if not p.is_file()]
+        assert not missing, f"{module.__name__}.CODE_FILES: {missing}"

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from stages import dreambooth, lora
 from stages.lib.config.loader import load_config
+from stages.lib.layout import LORA_WEIGHT_NAME
 from stages.lib.training import optim
 
 from .conftest import PROJECT_ROOT
@@ -71,7 +72,7 @@ def test_lora_fp16_on_cuda(world: TinyWorld, optimizer_types: list[str]) -> None
     metrics = lora.run(cfg, 4, db, world.root / "lora4", world.paths("lora4"))
     assert torch.isfinite(torch.tensor(metrics["final_loss"]))
     assert metrics["val_loss"] <= metrics["val_loss_start"]
-    assert (world.root / "lora4" / lora.WEIGHT_NAME).is_file()
+    assert (world.root / "lora4" / LORA_WEIGHT_NAME).is_file()
 
 
 def test_infer_fp16_on_cuda_is_seeded(world: TinyWorld) -> None:

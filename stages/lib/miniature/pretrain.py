@@ -30,7 +30,13 @@ from stages.lib.training.data import ImageSet, LatentCache, encode_latents
 from stages.lib.training.finetune import encode_prompt, make_validation_hook, prompt_ids, write_loss_table
 from stages.lib.training.trainer import DiffusionTrainer, TrainingData, accelerator_for
 
-CODE_FILES = [Path(__file__).with_name(n) for n in ("pretrain.py", "training.py", "world.py", "tiny_vae.py")]
+HERE = Path(__file__).parent
+CODE_FILES = [
+    HERE / "pretrain.py",
+    HERE.parent / "training" / "trainer.py",
+    HERE / "world.py",
+    HERE / "tiny_vae.py",
+]
 VALIDATION_PROMPT = "a photo of man face"
 
 

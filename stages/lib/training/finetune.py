@@ -26,7 +26,7 @@ from stages.lib.training.data import (
 )
 from stages.lib.training.trainer import DiffusionTrainer, TrainingData, TrainResult, accelerator_for
 
-CODE_FILES = [Path(__file__), Path(__file__).with_name("training.py"), Path(__file__).with_name("losses.py")]
+CODE_FILES = [Path(__file__), Path(__file__).with_name("trainer.py"), Path(__file__).with_name("losses.py")]
 
 
 @dataclass

@@ -160,6 +160,7 @@ class GraphedStep:
         self.feeder = DrawFeeder(draw, self.like.pack().numel(), device)
         self.losses, self.optimizer, self.max_grad_norm = losses, optimizer, max_grad_norm
         self.bad = torch.zeros((), dtype=torch.bool, device=device)  # sticky: a loss was non-finite
+        self.apply = torch.zeros((), dtype=torch.bool, device=device)  # the captured step's skip input: never
         self.out = torch.full((len(LOSS_KEYS),), float("nan"), device=device)
         self.log = LossLog(flush_every, device)
         self.feeder.feed(first_step)  # a real batch in the static input for warm-up and capture
@@ -178,7 +179,7 @@ class GraphedStep:
 
     def _capture(self, device: torch.device) -> torch.cuda.CUDAGraph:
         """Warm up on a side stream with every update skipped (kernels compiled, workspaces made), then capture."""
-        skip, apply = (torch.tensor(v, device=device) for v in (True, False))
+        skip = torch.ones((), dtype=torch.bool, device=device)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -188,7 +189,9 @@ class GraphedStep:
         self.bad.zero_()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._body(apply)
+            # A tensor made outside the capture and read inside it must live as long as the graph: the replay
+            # reads its address, which the allocator would otherwise hand to the next tensor.
+            self._body(self.apply)
         return graph
 
     def replayed_loss(self, step: int) -> float:

@@ -525,10 +525,18 @@ class DiffusionTrainer:
     def _drain(self, bar: tqdm | None) -> None:
         """Read the graphed steps' losses back (one transfer), log them, stop at the first non-finite loss."""
         assert self.graphed is not None
+        last = None
         for done, record in self.graphed.drain(with_prior=self.data.prior is not None):
             if not math.isfinite(record["loss"]):
                 raise self._non_finite(record["loss"], done, "no update was applied from that step on")
             self._log_step(done, record, bar)
+            last = done
+        applied = int(self.optimizer.step_count)  # the losses' transfer already waited for the replays
+        if last is not None and applied != last:
+            raise StageError(
+                f"the captured training step applied {applied} optimizer updates in {last} steps; "
+                "set compute.cuda_graphs=false to train eagerly and report this"
+            )
 
     def _summary(self, steps_run: int, elapsed: float) -> dict[str, float]:
         tail = self.history[-10:]
