@@ -218,7 +218,9 @@ def render_table(results: dict) -> str:
                 cells = []
                 for g in batches:
                     r = training.get(f"{workload}_g{g}")
-                    cells.append(f"{r['it_per_s']:.2f} ({r['examples_per_s']:.1f}), {r['peak_GiB']:.1f}" if r else "")
+                    cells.append(
+                        f"{r['it_per_s']:.2f} ({r['examples_per_s']:.1f}), {r['peak_GiB']:.1f}" if r else ""
+                    )
                 lines.append(f"| {title} it/s (examples/s), peak GiB | " + " | ".join(cells) + " |")
             lines.append("")
         if "class_images" in run:
