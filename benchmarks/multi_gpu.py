@@ -16,6 +16,7 @@ NCCL), ``--model tiny`` the embedded default's architecture at 64 px (CPU: proce
 
     python -m benchmarks.multi_gpu --processes 1 2 --out benchmarks/results_h200x2.json      # 2 GPUs
     python -m benchmarks.multi_gpu --model tiny --processes 1 2 --class-images 8 --steps 10  # CPU, gloo
+    python -m benchmarks.multi_gpu --table benchmarks/results_h200_multi_gpu_n1.json          # docs' tables
 """
 
 from __future__ import annotations
@@ -216,6 +217,35 @@ def scaling(runs: dict[int, dict]) -> dict[str, dict[str, float]]:
     return table
 
 
+def render_table(results: dict) -> str:
+    """Markdown tables of a results JSON (docs/gpu.md): per process count, DreamBooth and LoRA r4 steps/s (instance
+    examples/s) and peak GiB per global batch, then class images/s; speedup against N = 1 where N > 1 was run."""
+    lines = [f"{results['model']} on {results['device']}, torch {results['torch']}", ""]
+    for n, run in sorted(results["runs"].items(), key=lambda item: int(item[0])):
+        training = run.get("training", {})
+        batches = sorted({int(name.rsplit("_g", 1)[1]) for name in training})
+        if batches:
+            lines += [f"| N = {n}: global batch (+ as many prior examples) | " + " | ".join(map(str, batches)) + " |",
+                      "|---|" + "---|" * len(batches)]  # fmt: skip
+            for workload, title in (("dreambooth", "DreamBooth"), ("lora_r4", "LoRA r4")):
+                cells = []
+                for g in batches:
+                    r = training.get(f"{workload}_g{g}")
+                    cells.append(
+                        f"{r['it_per_s']:.2f} ({r['examples_per_s']:.1f}), {r['peak_GiB']:.1f}" if r else ""
+                    )
+                lines.append(f"| {title} it/s (examples/s), peak GiB | " + " | ".join(cells) + " |")
+            lines.append("")
+        if "class_images" in run:
+            c = run["class_images"]
+            lines.append(f"N = {n}: class images {c['images_per_s']:.2f} img/s ({c['images']:.0f} images)")
+    speedups = [f"{name} N={key[1:-5]}: {row[key]:.2f}x" for name, row in results.get("scaling", {}).items()
+                for key in row if key.endswith("_speedup") and key != "n1_speedup"]  # fmt: skip
+    if speedups:
+        lines += ["", "Speedup against N = 1: " + "; ".join(speedups)]
+    return "\n".join(lines).rstrip() + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -230,9 +260,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed training steps (0 skips training)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--table", type=Path, help="print a results JSON as Markdown tables and stop")
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.table:
+        print(render_table(json.loads(args.table.read_text())), end="")
+        return
     args.device = args.device or ("cuda" if args.model == "sd15" else "cpu")
     if args.worker or launched():
         with warnings.catch_warnings():  # the CPU's 8-bit AdamW fallback warns at every optimizer

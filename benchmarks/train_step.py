@@ -12,6 +12,7 @@ CUDA; ``--model tiny`` the embedded default's architecture at 64 px, on the CPU 
 
     python benchmarks/train_step.py --steps 30 --out bench.json           # SD1.5 size, CUDA
     python benchmarks/train_step.py --model tiny --steps 200 --warmup 20  # the tiny default, CPU
+    python -m benchmarks.train_step --table benchmarks/results_h200.json   # docs/gpu.md's table from a result
 """
 
 from __future__ import annotations
@@ -228,6 +229,23 @@ def run(model: str, device: torch.device, steps: int, warmup: int, use_mlflow: b
     return results
 
 
+def render_table(results: dict) -> str:
+    """A results JSON as the Markdown table docs/gpu.md shows: steps/s and peak memory of both sides, and the ratio."""
+    lines = [
+        f"{results['model']} on {results['device']}, torch {results['torch']}",
+        "",
+        "| step | plain diffusers it/s | project it/s | ratio | peak GiB (plain / project) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, title in (("db", "DreamBooth, batch 1 + 1 prior"), ("lora_r4", "LoRA r4, batch 1 + 1 prior")):
+        b, p = results[f"{name}_baseline"], results[f"{name}_project"]
+        memory = " / ".join(f"{r['peak_GiB']:.1f}" if math.isfinite(r["peak_GiB"]) else "-" for r in (b, p))
+        lines.append(
+            f"| {title} | {b['it_per_s']:.2f} | {p['it_per_s']:.2f} | {results[f'{name}_speedup']:.2f}x | {memory} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", choices=sorted(RESOLUTION), default="sd15")
@@ -236,7 +254,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--no-mlflow", action="store_true", help="neither side logs step metrics")
+    parser.add_argument("--table", type=Path, help="print a results JSON as a Markdown table and stop")
     args = parser.parse_args()
+    if args.table:
+        print(render_table(json.loads(args.table.read_text())), end="")
+        return
     device = torch.device(args.device or ("cuda" if args.model == "sd15" else "cpu"))
     with warnings.catch_warnings():  # on the CPU the 8-bit AdamW fallback warns at every optimizer it builds
         warnings.simplefilter("ignore", RuntimeWarning)
