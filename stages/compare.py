@@ -129,10 +129,14 @@ def identity_scores(scorer: IdentityScorer, index: InferIndex, variant: str, tok
 
 
 def load_identity(
-    suite: MetricSuite, index: InferIndex, miniature: bool
+    suite: MetricSuite, index: InferIndex, miniature: bool, token: str = ""
 ) -> tuple[IdentityScorer | None, list[str]]:
     """The identity scorer and the report's notes on it; where it cannot apply, the reason in ``suite.skipped``."""
     scorer, reason = IdentityScorer.create(suite.references)
+    if token and not any(token in p.split() for p in index.prompts):
+        suite.skipped["identity_* (instance prompts)"] = (
+            f"no infer prompt contains data.instance_token '{token}'"
+        )
     if scorer is None:
         suite.skipped["identity_*"] = str(reason)
         return None, []
@@ -295,7 +299,7 @@ def run(cfg: PipelineConfig, paths: ComparePaths) -> dict[str, dict[str, float]]
     with stage_run("compare", cfg.tracking, params, paths.reports) as tracker:
         metrics = {v: suite.score(index.images(v), index.latents(v)) for v in index.variants}
         world = load_world_reader(paths.base, suite)
-        identity, identity_notes = load_identity(suite, index, miniature=world is not None)
+        identity, identity_notes = load_identity(suite, index, world is not None, cfg.data.instance_token)
         if identity is not None:
             for v in index.variants:
                 metrics[v] |= identity_scores(identity, index, v, cfg.data.instance_token)

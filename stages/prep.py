@@ -50,10 +50,8 @@ SAVE_OPTIONS = {
 }
 THUMB = 128
 MAX_FACES = 8  # the largest faces of a photo embedded to find the subject's
-BOX_COLOURS = {
-    "dlib": (0, 255, 0),
-    "haar": (255, 200, 0),
-}  # contact-sheet outline of the face that placed the crop
+# contact-sheet outline of the face that placed the crop, by detector
+BOX_COLOURS = {"dlib": (0, 255, 0), "haar": (255, 200, 0)}
 CAPTION_SUFFIX = ".txt"  # <photo>.txt: the photo's own caption
 NO_FACE_HINT = "remove the photo, or set prep.require_face=false to crop it on its salient point"
 

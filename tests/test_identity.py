@@ -7,6 +7,7 @@ import io
 import sys
 from collections.abc import Callable
 from functools import cache
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from stages.lib import face_detection
 from stages.lib.face_detection import SAME_PERSON, Face
 from stages.lib.faces import Box
 from stages.lib.identity import IdentityScorer, embed_largest, pick_subject, summarise
+from stages.lib.inference import InferIndex
 from tests.test_faces import ASTRONAUT_FACE, astronaut, overlap
 
 GRACE_HOPPER_FACE = Box(151, 103, 376, 328)  # where the Haar cascade finds it in matplotlib's 512x600 photo
@@ -129,6 +131,32 @@ def test_scorer_without_faces_in_the_references_says_why(models) -> None:
         scorer is None
         and reason == "dlib finds no face in any of the 2 prepared photos: nothing to compare with"
     )
+
+
+def write_infer_index(
+    root: Path,
+    generated: dict[str, list[Image.Image]],
+    class_images: list[Image.Image],
+    variant: str = "dreambooth",
+) -> InferIndex:
+    """infer's output for one variant, written by hand: ``generated`` maps each prompt to its images."""
+    (root / variant).mkdir(parents=True, exist_ok=True)
+    files: dict[str, list[str]] = {}
+    for k, (prompt, images) in enumerate(generated.items()):
+        files[prompt] = []
+        for i, image in enumerate(images):
+            image.save(root / variant / f"{k}_{i}.png")
+            files[prompt].append(f"{variant}/{k}_{i}.png")
+    for i, image in enumerate(class_images):
+        image.save(root / variant / f"class_{i}.png")
+    seeds = {p: list(range(len(ims))) for p, ims in generated.items()}
+    settings = {"height": 160, "width": 160}
+    index = InferIndex(
+        root, list(generated), {variant: files}, seeds, settings, class_prompt="a photo of woman"
+    )
+    index.class_images = {variant: [f"{variant}/class_{i}.png" for i in range(len(class_images))]}
+    index.write()
+    return index
 
 
 def group_photo() -> tuple[Image.Image, Box]:

@@ -21,13 +21,12 @@ from stages.lib.config import ConfigError
 from stages.lib.errors import StageError
 from stages.lib.faces import Box
 from stages.lib.image_metrics import MetricSuite, load_references
-from stages.lib.inference import InferIndex
 from stages.lib.manifest import MANIFEST, Manifest
 from stages.lib.schema import PipelineConfig
 from stages.prep import main, run
 from stages.sample_subject import save_photo
 from tests.test_faces import astronaut, face_scene, object_scene
-from tests.test_identity import TRANSFORMS, grace_hopper, group_photo
+from tests.test_identity import TRANSFORMS, grace_hopper, group_photo, write_infer_index
 
 RES = 64
 
@@ -199,23 +198,13 @@ def test_photo_folder_through_prep_and_compares_identity_score(cfg: PipelineConf
     metrics, _ = prep(cfg, tmp_path / "in", tmp_path)
     assert (metrics["num_face_dlib"], metrics["num_no_face"]) == (3, 1)
 
-    root, token = tmp_path / "infer", cfg.data.instance_token
+    token = cfg.data.instance_token
     generated = {
         f"a photo of {token} woman": [TRANSFORMS["rotated 30 degrees"](photo), TRANSFORMS["jpeg q40"](photo)],
         f"{token} in a painting": [grace_hopper(), Image.new("RGB", (160, 160), "white")],
         "a photo of a dog": [TRANSFORMS["mirror"](photo)],  # no instance token: not scored
     }
-    files: dict[str, list[str]] = {}
-    for k, (prompt, images) in enumerate(generated.items()):
-        files[prompt] = []
-        for i, image in enumerate(images):
-            (root / "v").mkdir(parents=True, exist_ok=True)
-            image.save(root / "v" / f"{k}_{i}.png")
-            files[prompt].append(f"v/{k}_{i}.png")
-    grace_hopper().save(root / "v" / "class.png")
-    index = InferIndex(root, list(generated), {"v": files}, {}, {}, class_prompt="a photo of woman")
-    index.class_images = {"v": ["v/class.png"]}
-
+    index = write_infer_index(tmp_path / "infer", generated, [grace_hopper()], "v")
     suite = MetricSuite(load_references(tmp_path / "out"))
     scorer, notes = load_identity(suite, index, miniature=False)
     assert scorer is not None and notes == [
