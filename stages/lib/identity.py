@@ -31,7 +31,8 @@ CLASS_PREFIX = (
     "class_"  # the class prompt's images: the language-drift check (high = the class became the subject)
 )
 DESCRIPTIONS = METRICS | {
-    CLASS_PREFIX + name: f"{text.split(';')[0]}, on the class prompt's images (language drift: the closer to the "
+    CLASS_PREFIX
+    + name: f"{text.split(';')[0]}, on the class prompt's images (language drift: the closer to the "
     "subject, the more the class prompt has become the subject)"
     for name, text in METRICS.items()
 }
