@@ -27,15 +27,9 @@ METRICS = {  # name -> what it measures, in report order; "class_" + name: the s
     f"over the images with a face; lower = closer, < {SAME_PERSON} = same person",
     "identity_no_face": "number of images in which dlib finds no face (they score 0 above)",
 }
-CLASS_PREFIX = (
-    "class_"  # the class prompt's images: the language-drift check (high = the class became the subject)
-)
-DESCRIPTIONS = METRICS | {
-    CLASS_PREFIX
-    + name: f"{text.split(';')[0]}, on the class prompt's images (language drift: the closer to the "
-    "subject, the more the class prompt has become the subject)"
-    for name, text in METRICS.items()
-}
+CLASS_PREFIX = "class_"  # the same metrics of the class prompt's images: the language-drift check
+DRIFT = "on the class prompt's images (language drift: the closer to the subject, the more the class is the subject)"
+DESCRIPTIONS = METRICS | {CLASS_PREFIX + k: f"{v.split(';')[0]}, {DRIFT}" for k, v in METRICS.items()}
 
 
 @dataclass(frozen=True)
