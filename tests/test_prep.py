@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,13 +15,17 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
+from stages.compare import identity_scores, load_identity
 from stages.lib.config.schema import PipelineConfig
 from stages.lib.errors import ConfigError, StageError
+from stages.lib.imaging import face_detection
 from stages.lib.imaging.faces import Box
 from stages.lib.imaging.manifest import MANIFEST, Manifest
+from stages.lib.metrics.image_metrics import MetricSuite, load_references
 from stages.prep import main, run
 from stages.sample_subject import save_photo
-from tests.test_faces import face_scene, object_scene
+from tests.test_faces import astronaut, face_scene, object_scene
+from tests.test_identity import TRANSFORMS, grace_hopper, group_photo, write_infer_index
 
 RES = 64
 
@@ -103,6 +108,12 @@ def test_face_photo_is_cropped_on_the_face(cfg: PipelineConfig, tmp_path: Path) 
     metrics, manifest = prep(cfg, tmp_path / "in", tmp_path)
     entry = manifest.images[0]
     assert (metrics["num_face"], metrics["num_accepted"], entry.method) == (1, 1, "face")
+    assert (metrics["num_face_dlib"], entry.detector, entry.num_faces, entry.placed_by) == (
+        1,
+        "dlib",
+        1,
+        "dlib face",
+    )
     crop = Box(*entry.crop_box)
     assert crop.contains(face) and np.allclose(crop.center, face.center, atol=8)
     out = Box(*entry.face_box_output)
@@ -117,9 +128,96 @@ def test_saliency_crop_and_reports(cfg: PipelineConfig, tmp_path: Path) -> None:
     write(tmp_path / "in", "object.png", encoded(image, "PNG"))
     metrics, manifest = prep(cfg, tmp_path / "in", tmp_path)
     assert metrics["num_saliency"] == 1 and manifest.images[0].face_box_output is None
+    assert metrics["num_no_face"] == 1 and manifest.images[0].placed_by == "saliency"
     assert Box(*manifest.images[0].crop_box).contains(disc)
     assert (tmp_path / "reports" / "contact_sheet.png").is_file()
     assert (tmp_path / "reports" / "metrics.json").is_file()
+
+
+def test_group_photo_is_cropped_on_the_subjects_face(cfg: PipelineConfig, tmp_path: Path) -> None:
+    """Grace Hopper's face is the largest in the group photo; the astronaut's is the one the folder shows."""
+    photo, head = group_photo()
+    write(tmp_path / "in", "a_mirror.jpg", encoded(TRANSFORMS["mirror"](astronaut()), "JPEG", quality=92))
+    write(tmp_path / "in", "b_group.jpg", encoded(photo, "JPEG", quality=92))
+    write(tmp_path / "in", "c_small.png", encoded(TRANSFORMS["half size"](astronaut()), "PNG"))
+    metrics, manifest = prep(cfg, tmp_path / "in", tmp_path)
+    assert [e.source for e in manifest.images] == ["a_mirror.jpg", "b_group.jpg", "c_small.png"]
+    group = manifest.images[1]
+    assert (group.output, group.detector, group.num_faces) == ("001_b_group.png", "dlib", 2)
+    crop, face = Box(*group.crop_box), Box(*group.face_box)
+    assert head.contains(face) and np.allclose(crop.center, face.center, atol=2)
+    assert crop.left > 426  # nothing of Grace Hopper (x < 426) in the crop
+    assert metrics["num_face_dlib"] == 3
+
+
+def test_require_face_rejects_photos_without_a_face(cfg: PipelineConfig, tmp_path: Path) -> None:
+    write(tmp_path / "in", "face.png", encoded(face_scene()[0], "PNG"))
+    write(tmp_path / "in", "object.png", encoded(object_scene()[0], "PNG"))
+    cfg.prep.require_face = True
+    metrics, manifest = prep(cfg, tmp_path / "in", tmp_path)
+    assert [e.source for e in manifest.images] == ["face.png"]
+    (rejection,) = manifest.rejected
+    assert (rejection.file, rejection.reason) == ("object.png", "no_face")
+    assert "no face found" in rejection.message and "prep.require_face=false" in rejection.message
+    assert (metrics["num_rejected_no_face"], metrics["num_no_face"]) == (1, 0)
+    cfg.prep.on_bad_input = "fail"
+    with pytest.raises(StageError, match=r"object\.png: no face found .*prep\.require_face=false"):
+        run(cfg, tmp_path / "in", tmp_path / "out2", tmp_path / "reports2")
+
+
+def test_without_dlib_the_haar_cascade_places_the_crop(
+    cfg: PipelineConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where dlib is not installed (the GPU machine) prep still runs, on the Haar cascade, and says so."""
+    monkeypatch.setitem(sys.modules, "dlib", None)  # import dlib raises ImportError
+    face_detection.reset()
+    try:
+        image, face = face_scene()
+        write(tmp_path / "in", "portrait.jpg", encoded(image, "JPEG", quality=95))
+        metrics, manifest = prep(cfg, tmp_path / "in", tmp_path)
+    finally:
+        monkeypatch.undo()
+        face_detection.reset()
+    entry = manifest.images[0]
+    assert (entry.method, entry.detector, entry.placed_by) == ("face", "haar", "haar face")
+    assert (metrics["num_face_haar"], metrics["num_face_dlib"]) == (1, 0)
+    assert manifest.face_detector.startswith("Haar cascade only: dlib is not installed")
+    assert np.allclose(Box(*entry.crop_box).center, face.center, atol=8)
+
+
+def test_photo_folder_through_prep_and_compares_identity_score(cfg: PipelineConfig, tmp_path: Path) -> None:
+    """Photos of the astronaut (and one without a face) through prep, then compare's identity score of
+    "generated" images: her rotated and re-encoded copies match, Grace Hopper does not, a blank image has no face."""
+    cfg.prep.resolution = 160
+    photo = astronaut()
+    write(tmp_path / "in", "a.png", encoded(photo, "PNG"))
+    write(tmp_path / "in", "b.jpg", encoded(TRANSFORMS["mirror"](photo), "JPEG", quality=90))
+    write(tmp_path / "in", "c.png", encoded(photo.resize((400, 400), Image.Resampling.LANCZOS), "PNG"))
+    write(tmp_path / "in", "d.png", encoded(object_scene()[0], "PNG"))
+    metrics, _ = prep(cfg, tmp_path / "in", tmp_path)
+    assert (metrics["num_face_dlib"], metrics["num_no_face"]) == (3, 1)
+
+    token = cfg.data.instance_token
+    generated = {
+        f"a photo of {token} woman": [TRANSFORMS["rotated 30 degrees"](photo), TRANSFORMS["jpeg q40"](photo)],
+        f"{token} in a painting": [grace_hopper(), Image.new("RGB", (160, 160), "white")],
+        "a photo of a dog": [TRANSFORMS["mirror"](photo)],  # no instance token: not scored
+    }
+    index = write_infer_index(tmp_path / "infer", generated, [grace_hopper()], "v")
+    suite = MetricSuite(load_references(tmp_path / "out"))
+    scorer, notes = load_identity(suite, index, miniature=False)
+    assert scorer is not None and notes == [
+        "identity references: dlib finds a face in 3 of 4 prepared photos"
+    ]
+    scores = identity_scores(scorer, index, "v", token)
+    assert (scores["identity_match_rate"], scores["identity_no_face"]) == (0.5, 1.0)
+    assert (scores["class_identity_match_rate"], scores["class_identity_no_face"]) == (0.0, 0.0)
+    matches = scorer.matches([im for p in list(generated)[:2] for im in generated[p]])
+    assert [m.distance is not None and m.distance < 0.35 for m in matches] == [True, True, False, False]
+    assert 0.6 < matches[2].distance < 0.8 and matches[3].distance is None
+    assert scores["identity_similarity"] == pytest.approx(sum(m.similarity or 0 for m in matches) / 4)
+    assert 0.7 < scores["identity_similarity"] < 0.75  # three faces near 0.9-1.0 cosine, one image scoring 0
+    assert 0.3 < scores["identity_distance"] < 0.45 and 0.6 < scores["class_identity_distance"] < 0.8
 
 
 def test_exif_orientation_is_applied(cfg: PipelineConfig, tmp_path: Path) -> None:

@@ -148,6 +148,7 @@ class PrepConfig:
     face_padding: float = 1.8  # crop side = face size * face_padding (clamped to the image)
     min_face_fraction: float = 0.05  # ignore detections smaller than this fraction of the short side
     allow_upscale: bool = False  # False: reject images with short side < resolution, never upscale a crop
+    require_face: bool = False  # True: reject photos where no face is found (False: saliency / centre crop)
     contact_sheet_columns: int = 8
     image_format: str = "png"
 

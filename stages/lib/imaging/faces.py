@@ -83,6 +83,7 @@ class FocalCrop:
     box: Box
     method: Method
     face: Box | None = None
+    detector: str = ""  # which detector found ``face``: "dlib" | "haar" ("" without a face)
 
 
 @lru_cache(maxsize=4)
@@ -179,21 +180,28 @@ def square_box(center: tuple[float, float], side: int, width: int, height: int) 
     return Box(left, top, left + side, top + side)
 
 
+def face_crop(
+    face: Box, size: tuple[int, int], face_padding: float, min_side: int = 0, detector: str = "haar"
+) -> FocalCrop:
+    """The square crop centred on ``face`` in an image of ``size``: side = face size * ``face_padding`` (at
+    least ``min_side``), clamped to the short side."""
+    side = max(round(max(face.width, face.height) * face_padding), min_side)
+    return FocalCrop(square_box(face.center, side, *size), "face", face, detector)
+
+
 def focal_crop(
     image: Image.Image, face_padding: float = 1.8, min_face_fraction: float = 0.05, min_side: int = 0
 ) -> FocalCrop:
     """The square crop of ``image`` centred on its focal point.
 
-    Face found: centred on the largest face, side = face size * ``face_padding`` (at least ``min_side``),
-    clamped to the short side. Otherwise the largest square around the saliency centroid, else the centre.
+    Face found by the Haar cascade: centred on the largest face (``face_crop``). Otherwise the largest square
+    around the saliency centroid, else the centre. (prep tries dlib's detector first: stages/lib/imaging/face_detection.py.)
     """
     width, height = image.size
     short = min(width, height)
     faces = detect_faces(image, min_face_fraction)
     if faces:
-        face = faces[0]
-        side = max(round(max(face.width, face.height) * face_padding), min_side)
-        return FocalCrop(square_box(face.center, side, width, height), "face", face)
+        return face_crop(faces[0], image.size, face_padding, min_side)
     point = salient_point(image)
     if point is not None:
         return FocalCrop(square_box(point, short, width, height), "saliency")

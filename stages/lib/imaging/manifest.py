@@ -11,7 +11,8 @@ from pathlib import Path
 
 MANIFEST = "manifest.json"
 METHODS = ("face", "saliency", "center")
-REASONS = ("corrupt", "not_an_image", "unsupported_format", "too_small", "duplicate")
+DETECTORS = ("dlib", "haar")  # which detector found the face of a "face" crop
+REASONS = ("corrupt", "not_an_image", "unsupported_format", "too_small", "duplicate", "no_face")
 
 
 @dataclass
@@ -38,6 +39,13 @@ class ManifestEntry:
     face_box_output: list[int] | None  # in the output crop's pixels (resolution x resolution)
     # the photo's own caption (``<photo>.txt`` beside it); "" trains the photo on data.instance_prompt
     caption: str = ""
+    detector: str = ""  # method "face": which detector found it, dlib | haar
+    num_faces: int = 0  # faces dlib found in the photo (the subject's is face_box when there are several)
+
+    @property
+    def placed_by(self) -> str:
+        """What placed the crop: "dlib face", "haar face", "saliency" or "center"."""
+        return f"{self.detector} face" if self.method == "face" and self.detector else self.method
 
 
 @dataclass
@@ -47,6 +55,9 @@ class Manifest:
     resolution: int
     images: list[ManifestEntry] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
+    face_detector: str = (
+        ""  # the detectors used, or why dlib's was not (stages/lib/imaging/face_detection.py)
+    )
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -58,11 +69,15 @@ class Manifest:
             data["resolution"],
             [ManifestEntry(**e) for e in data["images"]],
             [Rejection(**r) for r in data["rejected"]],
+            data.get("face_detector", ""),
         )
 
     def metrics(self) -> dict[str, int]:
-        """Counts for metrics.json: inputs, accepted, rejected (per reason) and focal-point methods."""
+        """Counts for metrics.json: inputs, accepted, rejected (per reason), focal-point methods and detectors,
+        accepted photos without a face."""
         counts = {"num_input": len(self.images) + len(self.rejected), "num_accepted": len(self.images)}
         counts["num_rejected"] = len(self.rejected)
         counts |= {f"num_{m}": sum(e.method == m for e in self.images) for m in METHODS}
+        counts |= {f"num_face_{d}": sum(e.detector == d for e in self.images) for d in DETECTORS}
+        counts["num_no_face"] = sum(e.method != "face" for e in self.images)
         return counts | {f"num_rejected_{r}": sum(x.reason == r for x in self.rejected) for r in REASONS}
