@@ -163,3 +163,32 @@ def test_resume_fingerprints_name_existing_code_files():
     for module in (controlnet_train, pretrain, finetune):
         missing = [str(p) for p in module.CODE_FILES if not p.is_file()]
         assert not missing, f"{module.__name__}.CODE_FILES: {missing}"
+
+
+def test_every_project_import_names_something_that_exists():
+    """``from stages... import name``: the module exists and has ``name`` (as attribute or submodule)."""
+    import importlib
+
+    problems = []
+    for path in sorted(
+        [*ROOT.glob("stages/**/*.py"), *ROOT.glob("tests/*.py"), *ROOT.glob("benchmarks/*.py")]
+    ):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (
+                isinstance(node, ast.ImportFrom)
+                and node.level == 0
+                and (node.module or "").startswith("stages")
+            ):
+                continue
+            try:
+                module = importlib.import_module(node.module)
+            except ModuleNotFoundError as err:
+                if (err.name or "").startswith("stages"):
+                    problems.append(f"{path.relative_to(ROOT)}: {node.module}")
+                continue  # a third-party package this machine lacks (triton)
+            problems += [
+                f"{path.relative_to(ROOT)}: {node.module}.{alias.name}"
+                for alias in node.names
+                if not hasattr(module, alias.name) and module_file(f"{node.module}.{alias.name}") is None
+            ]
+    assert not problems, problems

@@ -24,10 +24,12 @@ from stages.compose import compose
 from stages.lib.config.loader import to_flat_dict
 from stages.lib.errors import StageError
 from stages.lib.imaging.manifest import MANIFEST, Manifest
+from stages.lib.layout import LORA_WEIGHT_NAME, featured_lora_dir
 from stages.lib.metrics.subject_metrics import nearest_subject_distance, sample_latents
+from stages.lib.training import losses
 from stages.lib.training.data import encode_latents, load_instance_set
 from stages.lib.training.finetune import FinetunePaths, build_training_data
-from stages.lib.training.trainer import NonFiniteLossError, losses
+from stages.lib.training.trainer import NonFiniteLossError
 
 from .conftest import PROJECT_ROOT
 from .training_fixtures import RES, TinyWorld, new_world
@@ -166,7 +168,7 @@ def test_lora_param_count_loading_and_scale_zero(world, trained) -> None:
         if isinstance(m, torch.nn.Linear) and name.endswith(targets)
     )
     assert metrics["lora_params"] == expected
-    saved = load_file(out / lora.WEIGHT_NAME)
+    saved = load_file(out / LORA_WEIGHT_NAME)
     assert sum(t.numel() for t in saved.values()) == expected
 
     def sample(**kwargs):
@@ -189,7 +191,7 @@ def test_lora_same_config_and_seed_give_bit_identical_weights(world, trained) ->
         torch.rand(7)  # the global generator moves on between the runs, as it does between processes
         out = world.root / "models" / name
         lora.run(world.cfg, 4, db_dir, out, world.paths(name))
-        runs.append(load_file(out / lora.WEIGHT_NAME))
+        runs.append(load_file(out / LORA_WEIGHT_NAME))
     a, b = runs
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -210,7 +212,7 @@ def test_untrained_featured_rank_error_says_how_to_add_it(world) -> None:
     cfg = copy.deepcopy(world.cfg)
     cfg.lora.rank = 16
     with pytest.raises(StageError, match=r"lora\.ranks=\[4,8,16,24\]"):
-        lora.featured_lora_dir(cfg.lora, Path("models/lora"))
+        featured_lora_dir(cfg.lora, Path("models/lora"))
 
 
 def test_non_finite_loss_stops_with_clear_message_and_keeps_checkpoint(world, monkeypatch) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from stages.lib.config.checks import untrained_rank_message
 from stages.lib.config.schema import LoraConfig
 from stages.lib.errors import StageError
 
@@ -23,9 +24,5 @@ def lora_dir(lora_root: Path, rank: int) -> Path:
 def featured_lora_dir(cfg: LoraConfig, lora_root: Path) -> Path:
     """The adapter that downstream stages feature (``lora.rank``); it must be one of ``lora.ranks``."""
     if cfg.rank not in cfg.ranks:
-        wanted = sorted({*cfg.ranks, cfg.rank})
-        raise StageError(
-            f"lora.rank={cfg.rank} is not trained (lora.ranks={list(cfg.ranks)}). "
-            f"Add it: dvc exp run -S 'lora.ranks=[{','.join(map(str, wanted))}]' -S lora.rank={cfg.rank}"
-        )
+        raise StageError(untrained_rank_message(cfg.rank, list(cfg.ranks)))
     return lora_dir(lora_root, cfg.rank)

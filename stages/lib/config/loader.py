@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from stages.lib.config.checks import check_config
 from stages.lib.config.schema import SECTIONS, PipelineConfig
 from stages.lib.errors import ConfigError
 
@@ -74,7 +75,9 @@ def load_config(params_path: str | Path = DEFAULT_PARAMS) -> PipelineConfig:
     data = read_params(params_path)
     _check_keys("", PipelineConfig, {k: None for k in data}, str(params_path))
     sections = {name: build_section(name, data.get(name), str(params_path)) for name in SECTIONS}
-    return PipelineConfig(**sections)
+    cfg = PipelineConfig(**sections)
+    check_config(cfg, str(params_path))
+    return cfg
 
 
 def to_flat_dict(obj: Any, prefix: str = "") -> dict[str, Any]:

@@ -9,11 +9,11 @@ from collections.abc import Iterable
 import torch
 from diffusers.optimization import get_scheduler
 
+from stages.lib.config.checks import OPTIMIZERS
 from stages.lib.config.schema import TrainConfig
 from stages.lib.errors import ConfigError
 
 log = logging.getLogger(__name__)
-OPTIMIZERS = ("adamw8bit", "adamw", "prodigy")
 
 
 def _adamw8bit(
