@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -114,12 +115,23 @@ def write_subject(
     return paths
 
 
+def at_prep_resolution(cfg: PipelineConfig) -> SampleSubjectConfig:
+    """The sample's sizes raised to what prep needs: a short side of at least ``prep.resolution`` (unless prep may
+    upscale), the largest at least 1.5 times that, so every profile's prep accepts the sample subject."""
+    sample = cfg.sample_subject
+    if cfg.prep.allow_upscale or sample.min_size >= cfg.prep.resolution:
+        return sample
+    low = cfg.prep.resolution
+    return replace(sample, min_size=low, max_size=max(sample.max_size, low * 3 // 2))
+
+
 def run(cfg: PipelineConfig, output_dir: Path) -> list[Path]:
     """Replace ``output_dir`` with a freshly drawn sample subject; returns the written photos."""
     check_config(cfg.sample_subject)
-    prompt = cfg.data.instance_prompt if cfg.sample_subject.captions else None
+    sample = at_prep_resolution(cfg)
+    prompt = cfg.data.instance_prompt if sample.captions else None
     with atomic_dir(output_dir) as tmp:
-        names = [p.name for p in write_subject(cfg.sample_subject, tmp, instance_prompt=prompt)]
+        names = [p.name for p in write_subject(sample, tmp, instance_prompt=prompt)]
     return [output_dir / name for name in names]
 
 

@@ -6,15 +6,20 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from omegaconf import OmegaConf
 from PIL import Image, ImageOps
 
 from stages import prep, sample_subject
+from stages.compose import compose
+from stages.lib.config.loader import load_config
 from stages.lib.config.schema import PipelineConfig, SampleSubjectConfig
 from stages.lib.errors import ConfigError
 from stages.lib.imaging.faces import detect_faces
 from stages.lib.miniature.face_render import SUBJECT, draw_face
 from stages.sample_subject import EXIF_ORIENTATION_TAG, encode_orientation
+
+from .conftest import PROJECT_ROOT
 
 NUM = 6
 
@@ -127,3 +132,28 @@ def test_cli(cfg: PipelineConfig, tmp_path: Path) -> None:
     OmegaConf.save(OmegaConf.structured(cfg), params)
     assert sample_subject.main(["--params", str(params), "--out", str(tmp_path / "out")]) == 0
     assert len(list((tmp_path / "out").glob("subject_*.[jp][pn]g"))) == NUM
+
+
+@pytest.mark.parametrize("profile", ["tiny", "sd15", "seed_hw4"])
+def test_every_profile_gets_the_sample_subject_through_prep(tmp_path: Path, profile: str) -> None:
+    """Drawn at the profile's resolution: prep keeps every photo at that profile's crop size."""
+    params = compose(
+        tmp_path / "params.yaml", [f"profile={profile}", "sample_subject.num_images=6"], root=PROJECT_ROOT
+    )
+    cfg = load_config(params)
+    photos = sample_subject.run(cfg, tmp_path / "subject")
+    assert all(
+        min(Image.open(p).size) >= min(cfg.prep.resolution, cfg.sample_subject.min_size) for p in photos
+    )
+    manifest = prep.run(cfg, tmp_path / "subject", tmp_path / "prepared", tmp_path / "reports")
+    crops = sorted((tmp_path / "prepared").glob(f"*.{cfg.prep.image_format}"))
+    assert len(crops) == 6, manifest
+    assert {Image.open(c).size for c in crops} == {(cfg.prep.resolution, cfg.prep.resolution)}
+
+
+def test_seed_profile_states_the_recipe_that_sd15_takes_from_the_defaults(tmp_path: Path) -> None:
+    """``seed_hw4`` writes the reference recipe out value by value; ``sd15`` gets it from the schema defaults:
+    both compose to the same parameters, so a changed default cannot silently change the recipe."""
+    sd15 = yaml.safe_load(compose(tmp_path / "a.yaml", ["profile=sd15"], root=PROJECT_ROOT).read_text())
+    seed = yaml.safe_load(compose(tmp_path / "b.yaml", ["profile=seed_hw4"], root=PROJECT_ROOT).read_text())
+    assert sd15 == seed
