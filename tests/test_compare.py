@@ -15,6 +15,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from omegaconf.errors import InterpolationResolutionError
 from PIL import Image
 from transformers import (
     BitImageProcessor,
@@ -211,10 +212,13 @@ def test_untrained_featured_rank_is_a_clear_error(compared, tmp_path, capsys) ->
         infer.run(cfg, compared.infer_paths)
     with pytest.raises(StageError, match=r"lora\.rank=16 is not trained"):
         compare.run(cfg, compared.compare_paths)
-    params = compose(tmp_path / "params.yaml", ["lora.rank=16", "tracking.enabled=false"], root=PROJECT_ROOT)
+    params = compose(tmp_path / "params.yaml", ["tracking.enabled=false"], root=PROJECT_ROOT)
+    params.write_text(params.read_text().replace("  rank: 24\n", "  rank: 16\n", 1))  # edited by hand
     reports = ["--reports", str(tmp_path / "r")]
     assert compare.main(["--params", str(params), "--infer", str(compared.infer_paths.out), *reports]) == 2
     assert "lora.rank=16 is not trained" in capsys.readouterr().err
+    with pytest.raises(InterpolationResolutionError, match=r"lora\.rank=16 is not trained"):
+        compose(tmp_path / "p2.yaml", ["lora.rank=16"], root=PROJECT_ROOT)  # `dvc exp run -S` stops before
 
 
 def _tiny_clip(folder: Path) -> Path:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from omegaconf.errors import InterpolationResolutionError
 
 from stages.compose import compose
 from stages.lib.config import checks
@@ -39,13 +40,40 @@ BAD = [
 ]
 
 
+def _bad_params(tmp_path: Path, override: str) -> Path:
+    """params.yaml as composed, then edited by hand to ``override`` (the load-time check, not the compose-time one)."""
+    params = compose(tmp_path / "params.yaml", [], root=PROJECT_ROOT)
+    data = yaml.safe_load(params.read_text())
+    key, value = override.split("=", 1)
+    *parents, leaf = key.split(".")
+    node = data
+    for name in parents:
+        node = node[name]
+    node[leaf] = yaml.safe_load(value)
+    params.write_text(yaml.safe_dump(data))
+    return params
+
+
 @pytest.mark.parametrize(("override", "message"), BAD, ids=[b[0] for b in BAD])
 def test_bad_value_is_refused_at_load_naming_the_key(tmp_path: Path, override: str, message: str) -> None:
-    params = compose(tmp_path / "params.yaml", [override], root=PROJECT_ROOT)
+    params = _bad_params(tmp_path, override)
     with pytest.raises(ConfigError, match=message) as info:
         load_config(params)
     assert str(params) in str(info.value), "the message names the params file"
     assert "\n" not in str(info.value), "one line"
+
+
+@pytest.mark.parametrize(("override", "message"), [*BAD, ("+lora.rnak=8", r"unknown key 'lora\.rnak'")],
+                         ids=[b[0] for b in BAD] + ["+lora.rnak=8"])  # fmt: skip
+def test_bad_override_stops_the_composition_and_writes_nothing(
+    tmp_path: Path, override: str, message: str
+) -> None:
+    """What `dvc exp run -S` does: the composition fails with the message, before params.yaml is written."""
+    out = tmp_path / "params.yaml"
+    out.write_text("previous: content\n")
+    with pytest.raises(InterpolationResolutionError, match=message):
+        compose(out, [override], root=PROJECT_ROOT)
+    assert out.read_text() == "previous: content\n"
 
 
 def test_every_profile_passes_the_checks(tmp_path: Path) -> None:
@@ -58,14 +86,13 @@ def test_a_rank_as_wide_as_sd15s_layers_is_allowed_only_there(tmp_path: Path) ->
         tmp_path / "a.yaml", ["profile=sd15", "lora.ranks=[4,320]", "lora.rank=320"], root=PROJECT_ROOT
     )
     assert load_config(sd15).lora.ranks == [4, 320]
-    tiny = compose(tmp_path / "b.yaml", ["lora.ranks=[4,64]", "lora.rank=64"], root=PROJECT_ROOT)
-    with pytest.raises(ConfigError, match="model.source=tiny has 32 features"):
-        load_config(tiny)
+    with pytest.raises(InterpolationResolutionError, match="model.source=tiny has 32 features"):
+        compose(tmp_path / "b.yaml", ["lora.ranks=[4,64]", "lora.rank=64"], root=PROJECT_ROOT)
 
 
 def test_a_stage_refuses_a_bad_value_before_loading_any_model(tmp_path: Path) -> None:
     """The stage exits with status 2 and the one-line message, without importing diffusers' pipelines."""
-    params = compose(tmp_path / "params.yaml", ["infer.guidance_scale=-3"], root=PROJECT_ROOT)
+    params = _bad_params(tmp_path, "infer.guidance_scale=-3")
     before = params.read_text()
     run = subprocess.run(
         [sys.executable, "-m", "stages", "infer", "--params", str(params), "--base", str(tmp_path / "none"),

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from omegaconf.errors import InterpolationResolutionError
 from PIL import Image
 
 from stages import base, class_images
@@ -191,9 +192,10 @@ def test_batch_size_settings_are_checked_when_the_config_is_read(tmp_path: Path)
     assert cfg.infer.batch_size == "16"  # what `dvc exp run -S infer.batch_size=16` gives
     with pytest.raises(ConfigError, match=r"^class_images\.sample_batch_size='abc': use auto"):
         build_section("class_images", {"sample_batch_size": "abc"})
-    bad = compose(tmp_path / "q.yaml", ["infer.batch_size=0"], root=PROJECT_ROOT)
     with pytest.raises(ConfigError, match=r"^infer\.batch_size='0': use auto or a positive integer$"):
-        load_config(bad)
+        build_section("infer", {"batch_size": "0"})
+    with pytest.raises(InterpolationResolutionError, match=r"infer\.batch_size='0': use auto"):
+        compose(tmp_path / "q.yaml", ["infer.batch_size=0"], root=PROJECT_ROOT)  # `dvc exp run -S` stops
 
 
 def test_a_failed_background_write_is_raised_naming_the_file(pipe, tmp_path) -> None:

@@ -72,11 +72,16 @@ def read_params(params_path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
 
 def load_config(params_path: str | Path = DEFAULT_PARAMS) -> PipelineConfig:
     """The whole pipeline configuration, validated section by section."""
-    data = read_params(params_path)
-    _check_keys("", PipelineConfig, {k: None for k in data}, str(params_path))
-    sections = {name: build_section(name, data.get(name), str(params_path)) for name in SECTIONS}
+    return checked_config(read_params(params_path), str(params_path))
+
+
+def checked_config(data: dict[str, Any], source: str) -> PipelineConfig:
+    """``data`` (params.yaml's content, or a composition of conf/) as the typed configuration, every key, type
+    and value checked; a problem is a one-line ``ConfigError`` naming ``source`` and the full key."""
+    _check_keys("", PipelineConfig, {k: None for k in data}, source)
+    sections = {name: build_section(name, data.get(name), source) for name in SECTIONS}
     cfg = PipelineConfig(**sections)
-    check_config(cfg, str(params_path))
+    check_config(cfg, source)
     return cfg
 
 

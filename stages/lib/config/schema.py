@@ -313,9 +313,13 @@ class PipelineConfig:
     controlnet: ControlNetConfig = field(default_factory=ControlNetConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
+    # Written when conf/ is composed (conf/config.yaml interpolates hydra_plugins/sdpipe's resolver): the keys and
+    # values of the composition passed stages/lib/config/checks.py, so a bad `-S` stops before params.yaml changes.
+    checked: str = ""
 
 
 SECTIONS: dict[str, type] = {
     name: f.default_factory  # type: ignore[misc]
     for name, f in PipelineConfig.__dataclass_fields__.items()
+    if callable(f.default_factory)
 }
