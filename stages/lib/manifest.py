@@ -11,7 +11,16 @@ from pathlib import Path
 
 MANIFEST = "manifest.json"
 METHODS = ("face", "saliency", "center")
-REASONS = ("corrupt", "not_an_image", "unsupported_format", "too_small", "duplicate")
+REASONS = (
+    "corrupt",
+    "not_an_image",
+    "unsupported_format",
+    "too_small",
+    "blank",
+    "duplicate",
+    "not_a_file",
+    "unreadable",
+)
 
 
 @dataclass
