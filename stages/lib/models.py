@@ -65,6 +65,9 @@ def load_pipeline(folder: str | Path, torch_dtype: torch.dtype | None = None) ->
         raise ModelLoadError(f"{folder}: not a diffusers pipeline folder (model_index.json missing)")
     if torch_dtype in (torch.float16, torch.bfloat16) and is_tiny_default(folder):
         torch_dtype = None
+    from stages.lib.pickles import check_pipeline_weights  # it imports this module
+
+    check_pipeline_weights(folder)  # a pickle that could run code: refused in one line, before diffusers
     pipe = StableDiffusionPipeline.from_pretrained(
         folder, torch_dtype=torch_dtype, local_files_only=True, **PIPELINE_KWARGS
     )
