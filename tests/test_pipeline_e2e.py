@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +25,7 @@ from stages.infer import Variant
 from stages.lib.attribute_reader import load_reader
 from stages.lib.config import load_config
 
+from .browser import chromium
 from .conftest import PROJECT_ROOT
 from .e2e_repo import PRETRAIN_STEPS, VENV_BIN, sh
 
@@ -182,11 +182,6 @@ def test_mistyped_override_fails_before_anything_runs(repo: Path) -> None:
 
 
 # -- the MLflow UI, as a user opens it (headless Chromium from the system packages; .ci/run installs it) ---------
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--virtual-time-budget=15000",
-]  # fmt: skip
 SCREENSHOTS = PROJECT_ROOT / ".test-artifacts"
 
 
@@ -194,13 +189,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _chromium(profile: Path, *args: str) -> str:
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert browser, "chromium is not installed (apt-get install chromium; .ci/run does this)"
-    cmd = [browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
 
 
 @pytest.fixture(scope="module")
@@ -234,14 +222,14 @@ def mlflow_ui(repo: Path) -> Iterator[str]:
 def test_mlflow_ui_shows_stage_runs_a_metric_and_an_image(repo: Path, mlflow_ui: str, tmp_path: Path) -> None:
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     experiment_id = client.get_experiment_by_name("sd-personalise").experiment_id
-    runs_dom = _chromium(tmp_path / "p1", "--dump-dom", f"{mlflow_ui}/#/experiments/{experiment_id}/runs")
+    runs_dom = chromium(tmp_path / "p1", "--dump-dom", f"{mlflow_ui}/#/experiments/{experiment_id}/runs")
     assert all(name in runs_dom for name in ("prep", "dreambooth", "lora_r4")), runs_dom[-2000:]
     (prep,) = client.search_runs([experiment_id], "tags.stage = 'prep'")
     run_url = f"{mlflow_ui}/#/experiments/{experiment_id}/runs/{prep.info.run_id}"
-    assert "num_accepted" in _chromium(tmp_path / "p2", "--dump-dom", run_url)
+    assert "num_accepted" in chromium(tmp_path / "p2", "--dump-dom", run_url)
     artifact_url = f"{run_url}/artifacts/prep/contact_sheet.png"
-    assert '<img alt="prep/contact_sheet.png"' in _chromium(tmp_path / "p3", "--dump-dom", artifact_url)
+    assert '<img alt="prep/contact_sheet.png"' in chromium(tmp_path / "p3", "--dump-dom", artifact_url)
     SCREENSHOTS.mkdir(exist_ok=True)
     shot = SCREENSHOTS / "mlflow_ui_prep_contact_sheet.png"
-    _chromium(tmp_path / "p4", f"--screenshot={shot}", "--window-size=1600,900", artifact_url)
+    chromium(tmp_path / "p4", f"--screenshot={shot}", "--window-size=1600,900", artifact_url)
     assert shot.is_file() and shot.stat().st_size > 10_000
