@@ -19,7 +19,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(PIP) torch
-	$(PIP) -e '.[$(EXTRAS)]'
+	# PYTHONWARNINGS: no setuptools banner about editable installs (an InformationOnly warning, nothing to do)
+	PYTHONWARNINGS=ignore::UserWarning $(PIP) -e '.[$(EXTRAS)]'
 	# open_clip only carries the CLIP BPE vocabulary file; its torchvision dependency is not needed.
 	$(PIP) --no-deps open_clip_torch
 	touch $@

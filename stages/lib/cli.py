@@ -13,6 +13,7 @@ from pathlib import Path
 from stages.lib.config import ConfigError, load_config
 from stages.lib.distributed import relaunch
 from stages.lib.errors import StageError
+from stages.lib.quiet import install_for_stage
 from stages.lib.schema import ComputeConfig, PipelineConfig
 from stages.lib.tracking_sidecar import discard_prestarted
 
@@ -84,6 +85,7 @@ def stage_main(
     add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    install_for_stage()
     try:
         cfg = load_config(args.params)
         configure_threads(cfg.compute)
