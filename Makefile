@@ -13,7 +13,7 @@ TEST_WORKERS ?= 2
 # bitsandbytes (8-bit AdamW) only where a CUDA GPU is present: EXTRAS=test,cuda forces it.
 EXTRAS ?= test$(shell nvidia-smi -L >/dev/null 2>&1 && echo ,cuda)
 
-.PHONY: setup repro test lint format params ui
+.PHONY: setup repro test lint format params ui exps
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -46,3 +46,7 @@ params: setup
 # Without MLflow 3's job runner (GenAI scorers; 8 more processes the pipeline never uses).
 ui: setup
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+# `dvc exp show` narrowed to the params that vary and the headline metrics (readable in 200 columns).
+exps: setup
+	python -m stages.lib.exp_show
