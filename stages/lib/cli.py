@@ -53,7 +53,8 @@ def restore_hint() -> str | None:
         return None
     return (
         f"note: DVC removed the previous outputs of '{stage}' before running it; "
-        f"`dvc checkout {stage}` restores them (the last committed run's; metrics files: git checkout -- <file>)"
+        f"`dvc checkout {stage}` restores them from DVC's cache (those marked cache: false, such as metrics.json, "
+        "only from git, if committed)"
     )
 
 
