@@ -25,7 +25,7 @@ from stages.lib.checkpoints import fingerprint, hash_files
 from stages.lib.cli import stage_main
 from stages.lib.config import to_flat_dict
 from stages.lib.distributed import barrier, is_main_process, world
-from stages.lib.images import make_grid, save_image
+from stages.lib.images import make_grid, save_image, view_cell
 from stages.lib.models import load_pipeline, resolve_device
 from stages.lib.outputs import atomic_dir
 from stages.lib.sampling import Job, prepare_for_sampling, sample
@@ -147,7 +147,7 @@ def run(
             if work_dir is not None:
                 publish(work_dir, out_dir, c.num_class_images)
             sample = [Image.open(out_dir / image_name(i)) for i in range(min(16, c.num_class_images))]
-            grid = make_grid(sample, columns=8)
+            grid = make_grid(sample, columns=8, cell=view_cell(sample))
             save_image(grid, reports_dir / "sample_grid.png")
             tracker.log_image(grid, "class_images/sample_grid.png")
         metrics = {

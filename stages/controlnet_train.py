@@ -39,7 +39,7 @@ from stages.lib.finetune import (
     sample_validation,
     save_validation_grid,
 )
-from stages.lib.images import make_grid
+from stages.lib.images import make_grid, view_cell
 from stages.lib.models import load_pipeline, resolve_device
 from stages.lib.outputs import atomic_dir
 from stages.lib.schema import ControlNetConfig, PipelineConfig
@@ -86,7 +86,7 @@ def validation_hook(pipe, controlnet, s: ControlNetConfig, paths: FinetunePaths,
         cn_pipe.set_progress_bar_config(disable=True)
         images = sample_validation(cn_pipe, cfg, s.prompt, image=control)
         controlnet.train(was_training)
-        grid = make_grid([control, *images], columns=len(images) + 1)
+        grid = make_grid([control, *images], columns=len(images) + 1, cell=view_cell(images))
         save_validation_grid(grid, step, paths.reports_dir, tracker)
 
     return validate

@@ -1,5 +1,6 @@
 """Stage logs carry no warning a user can do nothing about, each remaining warning once, and progress bars that
-refresh sparingly when stderr is a file (stages/lib/quiet.py). The stages run as DVC runs them, stderr to a file."""
+refresh sparingly when stderr is a file (stages/lib/quiet.py); the validation grids they log are large enough to
+see. The stages run as DVC runs them, stderr to a file."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import sys
 
 import pytest
 from omegaconf import OmegaConf
+from PIL import Image
 
 from stages.lib import quiet
+from stages.lib.images import VIEW_CELL
 
 from .conftest import PROJECT_ROOT
 from .training_fixtures import TinyWorld, new_world
@@ -66,6 +69,9 @@ def test_stage_logs_are_quiet(world: TinyWorld) -> None:
     # a progress bar draws its start and its end (the run takes less than LOG_PROGRESS_INTERVAL)
     refreshes = [part for part in lora.replace("\r", "\n").splitlines() if part.startswith("train:")]
     assert 1 <= len(refreshes) <= 3, refreshes
+    # the validation grid (64 px samples of the tiny model) is enlarged to cells one can see in MLflow
+    with Image.open(world.root / "reports" / "lora" / "validation" / "step-000030.png") as grid:
+        assert grid.size == (VIEW_CELL * cfg.lora.train.num_validation_images, VIEW_CELL)
 
 
 def test_the_filters_drop_only_what_they_name(caplog: pytest.LogCaptureFixture) -> None:

@@ -13,7 +13,7 @@ import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 
 from stages.lib.checkpoints import CheckpointStore, fingerprint, hash_files
-from stages.lib.images import make_grid, save_image
+from stages.lib.images import make_grid, save_image, view_cell
 from stages.lib.models import allows_half_precision
 from stages.lib.schema import ComputeConfig, DataConfig, TrainConfig
 from stages.lib.tracking import StageTracker
@@ -206,7 +206,8 @@ def make_validation_hook(
         pipe.unet.eval()
         images = sample_validation(pipe, cfg, prompt)
         pipe.unet.train(was_training)
-        save_validation_grid(make_grid(images, columns=len(images)), step, reports_dir, tracker)
+        grid = make_grid(images, columns=len(images), cell=view_cell(images))
+        save_validation_grid(grid, step, reports_dir, tracker)
 
     return validate
 

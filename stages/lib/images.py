@@ -13,6 +13,12 @@ if TYPE_CHECKING:
     import torch
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+VIEW_CELL = 256  # grids meant to be looked at (validation, samples) get cells at least this wide
+
+
+def view_cell(images: Sequence[Image.Image]) -> int:
+    """The cell width of a grid people look at: the images' own width, enlarged to at least ``VIEW_CELL``."""
+    return max(VIEW_CELL, *(im.width for im in images))
 
 
 def to_eight_bit(image: Image.Image) -> Image.Image:
