@@ -150,6 +150,12 @@ def test_mlflow_has_one_tagged_run_per_stage(repo: Path) -> None:
     runs = client.search_runs([experiment.experiment_id])
     by_stage = {r.data.tags["stage"]: r for r in runs}
     assert STAGE_RUNS <= set(by_stage), set(by_stage)
+    # one parent run per dvc invocation of the build (`dvc repro dreambooth`, then `dvc repro`) holds its stages
+    parents = {r.info.run_id: r.info.run_name for r in runs if r.data.tags["stage"] == "pipeline"}
+    assert sorted(parents.values()) == ["dvc repro", "dvc repro dreambooth"], parents
+    assert parents[by_stage["prep"].data.tags["mlflow.parentRunId"]] == "dvc repro dreambooth"
+    assert parents[by_stage["lora_r4"].data.tags["mlflow.parentRunId"]] == "dvc repro"
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert all(r.data.tags["git_commit"] == commit and r.info.status == "FINISHED" for r in runs)
     prep = by_stage["prep"]
     assert prep.data.params["prep.resolution"] == "64" and prep.data.metrics["num_accepted"] >= 20
@@ -222,8 +228,15 @@ def mlflow_ui(repo: Path) -> Iterator[str]:
 def test_mlflow_ui_shows_stage_runs_a_metric_and_an_image(repo: Path, mlflow_ui: str, tmp_path: Path) -> None:
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     experiment_id = client.get_experiment_by_name("sd-personalise").experiment_id
-    runs_dom = chromium(tmp_path / "p1", "--dump-dom", f"{mlflow_ui}/#/experiments/{experiment_id}/runs")
-    assert all(name in runs_dom for name in ("prep", "dreambooth", "lora_r4")), runs_dom[-2000:]
+    # the model-training view (the experiment's kind), one row per dvc invocation, its stage runs as children
+    runs_url = f"{mlflow_ui}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    runs_dom = chromium(tmp_path / "p1", "--dump-dom", runs_url)
+    assert "Model registry" in runs_dom and "dvc repro dreambooth" in runs_dom, runs_dom[-2000:]
+    for stage in ("prep", "dreambooth", "lora_r4"):
+        (run,) = client.search_runs([experiment_id], f"tags.stage = '{stage}'")
+        parent = f"{mlflow_ui}/#/experiments/{experiment_id}/runs/{run.data.tags['mlflow.parentRunId']}"
+        parent_dom = chromium(tmp_path / f"parent-{stage}", "--dump-dom", parent)
+        assert "Child runs" in parent_dom and stage in parent_dom, parent_dom[-2000:]
     (prep,) = client.search_runs([experiment_id], "tags.stage = 'prep'")
     run_url = f"{mlflow_ui}/#/experiments/{experiment_id}/runs/{prep.info.run_id}"
     assert "num_accepted" in chromium(tmp_path / "p2", "--dump-dom", run_url)
