@@ -69,7 +69,7 @@ def pipeline_run() -> PipelineRun | None:
             exp = os.environ.get("DVC_EXP_NAME", "")
             words = [a for a in argv[at + 1 : at + 3] if a and not a.startswith("-")]
             label = f"dvc exp run [{exp}]" if exp else " ".join(["dvc", *(words or ["repro"])])
-            return PipelineRun(f"{pid}-{started}", label)
+            return PipelineRun(f"{pid}-{started}-{exp}", label)  # a queue worker runs several experiments
         pid = parent
     return None
 
