@@ -27,7 +27,7 @@ from stages.lib.config import load_config
 
 from .browser import chromium
 from .conftest import PROJECT_ROOT
-from .e2e_repo import PRETRAIN_STEPS, VENV_BIN, sh
+from .e2e_repo import PRETRAIN_STEPS, VENV_BIN, repro_log, sh
 
 pytestmark = pytest.mark.slow
 STAGE_RUNS = {
@@ -77,6 +77,18 @@ def test_repro_writes_every_stage_output(repo: Path) -> None:
     assert "subject_rate" in (repo / "reports/compare/README.md").read_text()
     convert_metrics = json.loads((repo / "reports/convert/metrics.json").read_text())
     assert convert_metrics["extract_text_encoder_left_out"] == 1.0  # the tiny profile trains the text encoder
+
+
+def test_repro_log_is_quiet(repo: Path) -> None:
+    """No warning a user can do nothing about, each remaining one once per stage, sparse progress bars."""
+    from .test_quiet_logs import UNACTIONABLE
+
+    log = repro_log(repo).read_text()
+    lines = log.replace("\r", "\n").splitlines()
+    assert [line for line in lines if any(words in line for words in UNACTIONABLE)] == []
+    fallbacks = [line for line in lines if "falling back to torch.optim.AdamW" in line]
+    assert 0 < len(fallbacks) <= log.count("Running stage"), fallbacks  # the tiny profile asks for adamw8bit
+    assert len(log) < 60_000 and sum(line.startswith("train:") for line in lines) < 60, len(log)  # 16 KB, 19
 
 
 def test_controlnet_makes_the_images_follow_the_control_edges(repo: Path) -> None:
