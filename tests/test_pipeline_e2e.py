@@ -88,9 +88,8 @@ def test_repro_log_is_quiet(repo: Path) -> None:
     assert [line for line in lines if any(words in line for words in UNACTIONABLE)] == []
     fallbacks = [line for line in lines if "falling back to torch.optim.AdamW" in line]
     assert 0 < len(fallbacks) <= log.count("Running stage"), fallbacks  # the tiny profile asks for adamw8bit
-    assert len(log) < 60_000 and sum(line.startswith("train:") for line in lines) < 60, len(
-        log
-    )  # 16 KB and 19 train-bar refreshes in all
+    refreshes = sum(line.startswith("train:") for line in lines)
+    assert len(log) < 60_000 and refreshes < 60, (len(log), refreshes)  # measured: 16 KB, 19 refreshes in all
 
 
 def test_controlnet_makes_the_images_follow_the_control_edges(repo: Path) -> None:
