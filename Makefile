@@ -13,13 +13,14 @@ TEST_WORKERS ?= 2
 # bitsandbytes (8-bit AdamW) only where a CUDA GPU is present: EXTRAS=test,cuda forces it.
 EXTRAS ?= test$(shell nvidia-smi -L >/dev/null 2>&1 && echo ,cuda)
 
-.PHONY: setup repro test lint format params ui
+.PHONY: setup repro test lint format params ui exps
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(PIP) torch
-	$(PIP) -e '.[$(EXTRAS)]'
+	# PYTHONWARNINGS: no setuptools banner about editable installs (an InformationOnly warning, nothing to do)
+	PYTHONWARNINGS=ignore::UserWarning $(PIP) -e '.[$(EXTRAS)]'
 	# open_clip only carries the CLIP BPE vocabulary file; its torchvision dependency is not needed.
 	$(PIP) --no-deps open_clip_torch
 	touch $@
@@ -45,3 +46,7 @@ params: setup
 # Without MLflow 3's job runner (GenAI scorers; 8 more processes the pipeline never uses).
 ui: setup
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+# `dvc exp show` narrowed to the params that vary and the headline metrics (readable in 200 columns).
+exps: setup
+	python -m stages.lib.tracking.exp_show

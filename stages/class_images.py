@@ -23,7 +23,7 @@ from PIL import Image
 
 from stages.lib.config.loader import to_flat_dict
 from stages.lib.config.schema import PipelineConfig
-from stages.lib.imaging.images import make_grid, save_image
+from stages.lib.imaging.images import make_grid, save_image, view_cell
 from stages.lib.models.loading import load_pipeline, resolve_device
 from stages.lib.runtime.cli import stage_main
 from stages.lib.runtime.distributed import barrier, is_main_process, world
@@ -147,7 +147,7 @@ def run(
             if work_dir is not None:
                 publish(work_dir, out_dir, c.num_class_images)
             sample = [Image.open(out_dir / image_name(i)) for i in range(min(16, c.num_class_images))]
-            grid = make_grid(sample, columns=8)
+            grid = make_grid(sample, columns=8, cell=view_cell(sample))
             save_image(grid, reports_dir / "sample_grid.png")
             tracker.log_image(grid, "class_images/sample_grid.png")
         metrics = {

@@ -1,8 +1,9 @@
 """Stage `compare`: DreamBooth UNet vs the featured LoRA per prompt, the rank study, and metrics per variant.
 
 Reads infer's ``index.json``; writes ``README.md`` (Markdown, image links), ``index.html`` (self-contained, images
-inlined), ``comparison.png``, ``rank_study.png`` and ``metrics.json`` (``{variant: {metric: value}}`` for
-``dvc exp show``) into the reports folder and logs them, with the metrics as ``<variant>.<metric>``, to MLflow.
+inlined), ``comparison.png``, ``rank_study.png``, ``metrics.json`` (``{variant: {metric: value}}``) and
+``headline.json`` (a few flat numbers that tell experiments apart, for ``dvc exp show`` and ``dvc metrics show``)
+into the reports folder and logs them, with the metrics as ``<variant>.<metric>``, to MLflow.
 The identity score (stages/lib/metrics/identity.py: dlib face embeddings against the prepared photos') covers the instance
 prompts and, as the language-drift check, the class prompt; where it cannot apply the report says why.
 """
@@ -13,6 +14,7 @@ import argparse
 import base64
 import html
 import io
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -39,7 +41,11 @@ from stages.lib.sampling.inference import InferIndex
 from stages.lib.tracking.tracker import stage_run
 
 Cell = str | list[Path]
-REPORT_FILES = ("README.md", "index.html", "comparison.png", "rank_study.png")
+REPORT_FILES = ("README.md", "index.html", "comparison.png", "rank_study.png", "headline.json")
+HEADLINE = "headline.json"
+# headline.json: <column>_<metric> for these metrics of DreamBooth and the featured LoRA; short names, unique among
+# the pipeline's metrics files, so that `dvc exp show` shows them without a path and narrow
+HEADLINE_METRICS = {"subject_similarity": "similarity", "subject_rate": "subject_rate"}
 LABELS = {"base": "base model", "dreambooth": "DreamBooth UNet", "lora_extracted": "LoRA extracted"}
 
 
@@ -282,6 +288,18 @@ def render_html(title: str, sections: list[Section]) -> str:
     return "".join(parts) + "</body></html>\n"
 
 
+def headline(metrics: dict[str, dict[str, float]], featured: str | None) -> dict[str, float]:
+    """The few numbers that tell experiments apart: subject similarity and subject rate of DreamBooth (``db_``)
+    and of the featured LoRA (``lora_``, whatever its rank), those that were measured."""
+    columns = {"dreambooth": "db", featured: "lora"}
+    return {
+        f"{column}_{short}": metrics[variant][metric]
+        for variant, column in columns.items()
+        for metric, short in HEADLINE_METRICS.items()
+        if variant in metrics and metric in metrics[variant]
+    }
+
+
 def run(cfg: PipelineConfig, paths: ComparePaths) -> dict[str, dict[str, float]]:
     """Write the comparison report and the metrics of every variant."""
     index = InferIndex.load(paths.infer)
@@ -313,6 +331,8 @@ def run(cfg: PipelineConfig, paths: ComparePaths) -> dict[str, dict[str, float]]
             rank_study_section(cfg, index, paths.reports),
         ]
         sections += metrics_sections(metrics, suite, index, identity_notes)
+        top = headline(metrics, featured_variant(cfg, index))
+        (paths.reports / HEADLINE).write_text(json.dumps(top, indent=2, sort_keys=True) + "\n")
         title = "DreamBooth vs LoRA comparison"
         (paths.reports / "README.md").write_text(render_markdown(title, sections, paths.reports))
         (paths.reports / "index.html").write_text(render_html(title, sections))

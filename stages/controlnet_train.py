@@ -23,7 +23,7 @@ from stages.lib.config.loader import to_flat_dict
 from stages.lib.config.schema import ControlNetConfig, PipelineConfig
 from stages.lib.errors import StageError
 from stages.lib.imaging.annotators import annotate_pixels, get_annotator
-from stages.lib.imaging.images import make_grid
+from stages.lib.imaging.images import make_grid, view_cell
 from stages.lib.models.controlnet_model import (
     ControlledUNet,
     check_compatible,
@@ -86,7 +86,7 @@ def validation_hook(pipe, controlnet, s: ControlNetConfig, paths: FinetunePaths,
         cn_pipe.set_progress_bar_config(disable=True)
         images = sample_validation(cn_pipe, cfg, s.prompt, image=control)
         controlnet.train(was_training)
-        grid = make_grid([control, *images], columns=len(images) + 1)
+        grid = make_grid([control, *images], columns=len(images) + 1, cell=view_cell(images))
         save_validation_grid(grid, step, paths.reports_dir, tracker)
 
     return validate

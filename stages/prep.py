@@ -5,8 +5,9 @@ the subject's, the one seen across the folder (``identity.pick_subject``). Witho
 Haar cascade, then the saliency centroid, then the centre place the crop; the manifest and the contact sheet say
 which, and photos without a face are reported (rejected with ``prep.require_face``).
 
-Reads every file of the input folder (never writes there), rejects corrupt, non-image, too small and duplicate
-files (skipped with a warning, or the stage stops, per ``prep.on_bad_input``), and writes
+Reads every file of the input folder (never writes there), rejects corrupt, non-image, too small, blank
+(one-colour) and duplicate files, folders, broken symlinks and unreadable files (skipped with a warning and listed
+in the manifest's ``rejected``, or the stage stops, per ``prep.on_bad_input``), and writes
 ``<index:03d>_<stem>.<prep.image_format>`` crops plus ``manifest.json`` into the output folder atomically. A photo
 may carry its own caption in ``<photo>.txt`` beside it (kohya's convention, with the instance token): the manifest
 keeps it, and DreamBooth and LoRA train that photo with it instead of ``data.instance_prompt``.
@@ -18,11 +19,12 @@ import argparse
 import hashlib
 import io
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageStat, UnidentifiedImageError
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -54,6 +56,7 @@ MAX_FACES = 8  # the largest faces of a photo embedded to find the subject's
 BOX_COLOURS = {"dlib": (0, 255, 0), "haar": (255, 200, 0)}
 CAPTION_SUFFIX = ".txt"  # <photo>.txt: the photo's own caption
 NO_FACE_HINT = "remove the photo, or set prep.require_face=false to crop it on its salient point"
+BLANK_STDDEV = 2.0  # every channel's pixel standard deviation below this (of 255): a blank, one-colour image
 
 
 class BadInput(Exception):
@@ -113,9 +116,44 @@ def decode(data: bytes, name: str) -> Image.Image:
         raise BadInput("corrupt", f"corrupt or truncated image ({err})") from None
 
 
+def check_entry(path: Path) -> None:
+    """BadInput for a folder entry that is not a readable file: a broken symlink, a folder, a device or pipe.
+    A symlink to a file is read like the file itself."""
+    if path.is_symlink() and not path.exists():
+        raise BadInput(
+            "not_a_file", f"broken symlink to {os.readlink(path)} (no such file): fix or remove the link"
+        )
+    if path.is_dir():
+        raise BadInput(
+            "not_a_file",
+            "a folder, not a photo: prep reads only the files directly inside the photo folder; "
+            "move its photos up or remove it",
+        )
+    if not path.is_file():
+        raise BadInput("not_a_file", "not a regular file (a pipe, socket or device): remove it")
+
+
+def check_not_blank(image: Image.Image) -> None:
+    """BadInput for a blank or one-colour image (also what a badly converted high-bit-depth file turns into)."""
+    stats = ImageStat.Stat(image)
+    if max(stats.stddev) < BLANK_STDDEV:
+        colour = tuple(round(v) for v in stats.mean)
+        raise BadInput(
+            "blank",
+            f"blank: every pixel is about the same colour (RGB {colour}), nothing to learn from; remove it "
+            "(a 16-bit or float image whose values are all near 0 also ends up so)",
+        )
+
+
 def load_photo(path: Path, prep: PrepConfig) -> Photo:
-    """Read one file (read-only), decode it upright as RGB and check its size."""
-    data = path.read_bytes()
+    """Read one file (read-only), decode it upright as RGB and check its size and content."""
+    check_entry(path)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise BadInput(
+            "unreadable", f"cannot be read ({err.strerror}): make it readable (chmod u+r) or remove it"
+        ) from None
     image = decode(data, path.name)
     if min(image.size) < prep.resolution and not prep.allow_upscale:
         raise BadInput(
@@ -123,6 +161,7 @@ def load_photo(path: Path, prep: PrepConfig) -> Photo:
             f"too small: {image.width}x{image.height} px, the short side must be at least "
             f"prep.resolution={prep.resolution} px (or set prep.allow_upscale=true)",
         )
+    check_not_blank(image)
     pixels = hashlib.sha256(f"{image.width}x{image.height}".encode() + image.tobytes()).hexdigest()
     return Photo(path, hashlib.sha256(data).hexdigest(), pixels, image)
 
@@ -179,7 +218,8 @@ def thumbnail(crop: Image.Image, entry: ManifestEntry) -> Image.Image:
 
 
 def input_files(input_dir: Path, output_dir: Path) -> list[Path]:
-    """The files to examine (hidden files ignored), or StageError saying what to do."""
+    """The entries to examine (hidden ones ignored; folders and broken symlinks are examined and rejected with a
+    reason), or StageError saying what to do."""
     where = (
         "put photos of one subject there, or use another folder: dvc exp run -S data.instance_dir=<folder>"
     )
@@ -188,7 +228,7 @@ def input_files(input_dir: Path, output_dir: Path) -> list[Path]:
     inp, out = input_dir.resolve(), output_dir.resolve()
     if inp == out or inp in out.parents or out in inp.parents:
         raise StageError(f"output folder {output_dir} overlaps the input folder {input_dir}: choose another")
-    files = sorted(p for p in input_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+    files = sorted(p for p in input_dir.iterdir() if not p.name.startswith("."))
     if not files:
         raise StageError(f"input folder {input_dir} is empty: {where}")
     return files

@@ -92,9 +92,17 @@ def build_clone(root: Path, dreambooth_done: Callable[[], None] = lambda: None) 
     sh(root, "git", "init", "-q")
     sh(root, "git", "add", "-A")
     sh(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "clone")
-    sh(root, "dvc", "repro", "dreambooth")
+    log = repro_log(root)
+    proc = sh(root, "dvc", "repro", "dreambooth")
+    log.write_text(proc.stdout + proc.stderr)
     dreambooth_done()
-    sh(root, "dvc", "repro")
+    proc = sh(root, "dvc", "repro")
+    log.write_text(log.read_text() + proc.stdout + proc.stderr)
+
+
+def repro_log(root: Path) -> Path:
+    """What the build's `dvc repro` commands printed (stdout and stderr, not a terminal), beside the clone."""
+    return root.with_name(f"{root.name}.repro.log")
 
 
 CLONES = ("e2e_clone", "e2e_clone_copy")

@@ -178,6 +178,14 @@ def test_identity_score_of_real_photos_in_metrics_report_and_mlflow(tmp_path) ->
     )
 
 
+def test_headline_file_holds_the_few_numbers_dvc_exp_show_compares(compared) -> None:
+    data = json.loads((compared.compare_paths.reports / "headline.json").read_text())
+    metrics = compared.metrics
+    assert data["db_similarity"] == metrics["dreambooth"]["subject_similarity"]
+    assert set(data) <= {"db_similarity", "db_subject_rate", "lora_similarity", "lora_subject_rate"}
+    assert {"db_similarity", "lora_similarity"} <= set(data) and all(math.isfinite(v) for v in data.values())
+
+
 def test_trained_model_is_closer_to_the_subject_than_the_base_model(compared) -> None:
     rms = {v: row["subject_latent_rms"] for v, row in compared.metrics.items()}
     assert rms["dreambooth"] < 0.8 * rms["base"], rms

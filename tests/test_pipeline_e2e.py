@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -26,8 +25,9 @@ from stages.infer import Variant
 from stages.lib.config.loader import load_config
 from stages.lib.miniature.attribute_reader import load_reader
 
+from .browser import chromium
 from .conftest import PROJECT_ROOT
-from .e2e_repo import PRETRAIN_STEPS, VENV_BIN, sh
+from .e2e_repo import PRETRAIN_STEPS, VENV_BIN, repro_log, sh
 
 pytestmark = pytest.mark.slow
 STAGE_RUNS = {
@@ -77,6 +77,19 @@ def test_repro_writes_every_stage_output(repo: Path) -> None:
     assert "subject_rate" in (repo / "reports/compare/README.md").read_text()
     convert_metrics = json.loads((repo / "reports/convert/metrics.json").read_text())
     assert convert_metrics["extract_text_encoder_left_out"] == 1.0  # the tiny profile trains the text encoder
+
+
+def test_repro_log_is_quiet(repo: Path) -> None:
+    """No warning a user can do nothing about, each remaining one once per stage, sparse progress bars."""
+    from .test_quiet_logs import UNACTIONABLE
+
+    log = repro_log(repo).read_text()
+    lines = log.replace("\r", "\n").splitlines()
+    assert [line for line in lines if any(words in line for words in UNACTIONABLE)] == []
+    fallbacks = [line for line in lines if "falling back to torch.optim.AdamW" in line]
+    assert 0 < len(fallbacks) <= log.count("Running stage"), fallbacks  # the tiny profile asks for adamw8bit
+    refreshes = sum(line.startswith("train:") for line in lines)
+    assert len(log) < 60_000 and refreshes < 60, (len(log), refreshes)  # measured: 16 KB, 19 refreshes in all
 
 
 def test_controlnet_makes_the_images_follow_the_control_edges(repo: Path) -> None:
@@ -150,6 +163,12 @@ def test_mlflow_has_one_tagged_run_per_stage(repo: Path) -> None:
     runs = client.search_runs([experiment.experiment_id])
     by_stage = {r.data.tags["stage"]: r for r in runs}
     assert STAGE_RUNS <= set(by_stage), set(by_stage)
+    # one parent run per dvc invocation of the build (`dvc repro dreambooth`, then `dvc repro`) holds its stages
+    parents = {r.info.run_id: r.info.run_name for r in runs if r.data.tags["stage"] == "pipeline"}
+    assert sorted(parents.values()) == ["dvc repro", "dvc repro dreambooth"], parents
+    assert parents[by_stage["prep"].data.tags["mlflow.parentRunId"]] == "dvc repro dreambooth"
+    assert parents[by_stage["lora_r4"].data.tags["mlflow.parentRunId"]] == "dvc repro"
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert all(r.data.tags["git_commit"] == commit and r.info.status == "FINISHED" for r in runs)
     prep = by_stage["prep"]
     assert prep.data.params["prep.resolution"] == "64" and prep.data.metrics["num_accepted"] >= 20
@@ -182,11 +201,6 @@ def test_mistyped_override_fails_before_anything_runs(repo: Path) -> None:
 
 
 # -- the MLflow UI, as a user opens it (headless Chromium from the system packages; .ci/run installs it) ---------
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--virtual-time-budget=15000",
-]  # fmt: skip
 SCREENSHOTS = PROJECT_ROOT / ".test-artifacts"
 
 
@@ -194,13 +208,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _chromium(profile: Path, *args: str) -> str:
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert browser, "chromium is not installed (apt-get install chromium; .ci/run does this)"
-    cmd = [browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
 
 
 @pytest.fixture(scope="module")
@@ -234,14 +241,21 @@ def mlflow_ui(repo: Path) -> Iterator[str]:
 def test_mlflow_ui_shows_stage_runs_a_metric_and_an_image(repo: Path, mlflow_ui: str, tmp_path: Path) -> None:
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     experiment_id = client.get_experiment_by_name("sd-personalise").experiment_id
-    runs_dom = _chromium(tmp_path / "p1", "--dump-dom", f"{mlflow_ui}/#/experiments/{experiment_id}/runs")
-    assert all(name in runs_dom for name in ("prep", "dreambooth", "lora_r4")), runs_dom[-2000:]
+    # the model-training view (the experiment's kind), one row per dvc invocation, its stage runs as children
+    runs_url = f"{mlflow_ui}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    runs_dom = chromium(tmp_path / "p1", "--dump-dom", runs_url)
+    assert "Model registry" in runs_dom and "dvc repro dreambooth" in runs_dom, runs_dom[-2000:]
+    for stage in ("prep", "dreambooth", "lora_r4"):
+        (run,) = client.search_runs([experiment_id], f"tags.stage = '{stage}'")
+        parent = f"{mlflow_ui}/#/experiments/{experiment_id}/runs/{run.data.tags['mlflow.parentRunId']}"
+        parent_dom = chromium(tmp_path / f"parent-{stage}", "--dump-dom", parent)
+        assert "Child runs" in parent_dom and stage in parent_dom, parent_dom[-2000:]
     (prep,) = client.search_runs([experiment_id], "tags.stage = 'prep'")
     run_url = f"{mlflow_ui}/#/experiments/{experiment_id}/runs/{prep.info.run_id}"
-    assert "num_accepted" in _chromium(tmp_path / "p2", "--dump-dom", run_url)
+    assert "num_accepted" in chromium(tmp_path / "p2", "--dump-dom", run_url)
     artifact_url = f"{run_url}/artifacts/prep/contact_sheet.png"
-    assert '<img alt="prep/contact_sheet.png"' in _chromium(tmp_path / "p3", "--dump-dom", artifact_url)
+    assert '<img alt="prep/contact_sheet.png"' in chromium(tmp_path / "p3", "--dump-dom", artifact_url)
     SCREENSHOTS.mkdir(exist_ok=True)
     shot = SCREENSHOTS / "mlflow_ui_prep_contact_sheet.png"
-    _chromium(tmp_path / "p4", f"--screenshot={shot}", "--window-size=1600,900", artifact_url)
+    chromium(tmp_path / "p4", f"--screenshot={shot}", "--window-size=1600,900", artifact_url)
     assert shot.is_file() and shot.stat().st_size > 10_000

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -79,11 +80,22 @@ BAD_FILES: dict[str, tuple[str, str]] = {  # name -> (reason code, words of the 
     "small.png": ("too_small", "too small: 40x30 px"),
     "same_file.jpg": ("duplicate", "duplicate of good.jpg (identical file)"),
     "same_pixels.png": ("duplicate", "duplicate of good2.png (identical pixels)"),
+    "blank.png": ("blank", "blank: every pixel is about the same colour (RGB (40, 90, 200))"),
+    "black16.png": ("blank", "blank: every pixel is about the same colour (RGB (0, 0, 0))"),
+    "a_folder.jpg": ("not_a_file", "a folder, not a photo"),
+    "dangling.jpg": ("not_a_file", "broken symlink to missing.jpg (no such file): fix or remove the link"),
 }
 
 
 def make_bad(folder: Path, name: str) -> Path:
     """Write the bad file ``name`` (see BAD_FILES) next to the good files it may refer to."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if name == "a_folder.jpg":
+        write(folder / name, "inner.jpg", encoded(noise(5), "JPEG"))
+        return folder / name
+    if name == "dangling.jpg":
+        (folder / name).symlink_to("missing.jpg")
+        return folder / name
     good = encoded(noise(1), "JPEG", quality=90)
     data = {
         "corrupt.jpg": good[: len(good) // 2],
@@ -93,6 +105,9 @@ def make_bad(folder: Path, name: str) -> Path:
         "small.png": encoded(noise(9, (40, 30)), "PNG"),
         "same_file.jpg": good,
         "same_pixels.png": encoded(noise(2), "PNG", compress_level=1),
+        "blank.png": encoded(Image.new("RGB", (100, 80), (40, 90, 200)), "PNG"),
+        # a 16-bit PNG of values near 0 (a dark, 12-bit-like exposure read as 16-bit): black once made 8-bit
+        "black16.png": encoded(Image.fromarray(np.full((80, 100), 100, dtype=np.uint16)), "PNG"),
     }[name]
     return write(folder, name, data)
 
@@ -254,20 +269,28 @@ def test_exif_orientation_pixels(cfg: PipelineConfig, tmp_path: Path, orientatio
         assert np.abs(out[y, x] - colour).max() < 40, (orientation, i, out[y, x])
 
 
+def marked(image: Image.Image) -> Image.Image:
+    """``image`` with a contrasting corner block, so that it is not one colour (one-colour images are rejected)."""
+    image = image.copy()
+    image.paste(Image.new(image.mode, (12, 12), 0).convert(image.mode), (0, 0))
+    return image
+
+
 def mode_samples() -> dict[str, tuple[bytes, tuple[int, int, int]]]:
-    """File name -> (encoded image in an unusual mode, the RGB it must become)."""
+    """File name -> (encoded image in an unusual mode, the RGB its centre must become)."""
     rgba = Image.new("RGBA", (80, 80), (255, 0, 0, 0))  # fully transparent -> white
+    rgba.paste((0, 0, 255, 255), (0, 0, 12, 12))
     cmyk = Image.new("CMYK", (80, 80), (255, 0, 0, 0))  # cyan
     i16 = Image.fromarray(np.full((80, 80), 32768, dtype=np.uint16))
-    palette = Image.new("RGB", (80, 80), (10, 200, 10)).convert("P", palette=Image.Palette.ADAPTIVE)
+    palette = marked(Image.new("RGB", (80, 80), (10, 200, 10))).convert("P", palette=Image.Palette.ADAPTIVE)
     return {
         "rgba.png": (encoded(rgba, "PNG"), (255, 255, 255)),
-        "gray.png": (encoded(Image.new("L", (80, 80), 100), "PNG"), (100, 100, 100)),
-        "cmyk.jpg": (encoded(cmyk, "JPEG", quality=95), (0, 255, 255)),
-        "i16.png": (encoded(i16, "PNG"), (128, 128, 128)),
+        "gray.png": (encoded(marked(Image.new("L", (80, 80), 100)), "PNG"), (100, 100, 100)),
+        "cmyk.jpg": (encoded(marked(cmyk), "JPEG", quality=95), (0, 255, 255)),
+        "i16.png": (encoded(marked(i16), "PNG"), (128, 128, 128)),
         "palette.png": (encoded(palette, "PNG"), (10, 200, 10)),
         "photo.webp": (
-            encoded(Image.new("RGB", (80, 80), (40, 60, 200)), "WEBP", lossless=True),
+            encoded(marked(Image.new("RGB", (80, 80), (40, 60, 200))), "WEBP", lossless=True),
             (40, 60, 200),
         ),
     }
@@ -284,6 +307,67 @@ def test_modes_become_rgb_squares(cfg: PipelineConfig, tmp_path: Path) -> None:
             assert (saved.mode, saved.size) == ("RGB", (RES, RES)), entry.source
             pixel = np.asarray(saved)[RES // 2, RES // 2]
         assert np.abs(pixel.astype(int) - samples[entry.source][1]).max() <= 3, (entry.source, pixel)
+
+
+def gradient(dtype: type, top: float, size: tuple[int, int] = (100, 80)) -> np.ndarray:
+    """A left-to-right ramp from 0 to ``top``."""
+    return np.tile(np.linspace(0, top, size[0]), (size[1], 1)).astype(dtype)
+
+
+HIGH_BIT_DEPTH = {  # file name -> (encoded one-channel image of 16-bit, 32-bit or float values)
+    "ramp16.png": encoded(Image.fromarray(gradient(np.uint16, 65535)), "PNG"),
+    "ramp16.tif": encoded(Image.fromarray(gradient(np.uint16, 65535)), "TIFF"),
+    "ramp16be.tif": encoded(Image.frombytes("I;16B", (100, 80), gradient(">u2", 65535).tobytes()), "TIFF"),
+    "ramp32.tif": encoded(Image.fromarray(gradient(np.int32, 65535)), "TIFF"),
+    "rampf.tif": encoded(Image.fromarray(gradient(np.float32, 1.0)), "TIFF"),
+}
+
+
+@pytest.mark.parametrize("name", list(HIGH_BIT_DEPTH))
+def test_high_bit_depth_images_become_full_range_8_bit(
+    cfg: PipelineConfig, tmp_path: Path, name: str
+) -> None:
+    write(tmp_path / "in", name, HIGH_BIT_DEPTH[name])
+    cfg.prep.allow_upscale = True  # an 80 px photo, cropped to 80 and resized to RES
+    metrics, manifest = prep(cfg, tmp_path / "in", tmp_path)
+    assert (metrics["num_accepted"], manifest.rejected) == (1, [])
+    with Image.open(tmp_path / "out" / manifest.images[0].output) as saved:
+        row = np.asarray(saved.convert("L"), dtype=float)[RES // 2]
+    # the 80 px centre crop of a 100 px ramp spans 10..90 % of full range: neither black nor clipped to white
+    assert 20 < row[0] < 40 and 215 < row[-1] < 235 and np.all(np.diff(row) > -2), row[::8]
+
+
+def test_a_symlink_to_a_photo_is_read(cfg: PipelineConfig, tmp_path: Path) -> None:
+    make_good(tmp_path / "elsewhere")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "linked.jpg").symlink_to(tmp_path / "elsewhere" / "good.jpg")
+    _, manifest = prep(cfg, tmp_path / "in", tmp_path)
+    assert [e.source for e in manifest.images] == ["linked.jpg"] and manifest.rejected == []
+    assert (tmp_path / "in" / "linked.jpg").is_symlink()
+
+
+def test_an_unreadable_photo_is_rejected(
+    cfg: PipelineConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_good(tmp_path / "in")
+    locked = write(tmp_path / "in", "locked.jpg", encoded(noise(7), "JPEG"))
+    locked.chmod(0)
+    if os.access(locked, os.R_OK):  # root reads it anyway: refuse the read as the file system would
+        read_bytes = Path.read_bytes
+
+        def refuse(path: Path) -> bytes:
+            if path.name == locked.name:
+                raise PermissionError(13, "Permission denied", str(path))
+            return read_bytes(path)
+
+        monkeypatch.setattr(Path, "read_bytes", refuse)
+    try:
+        _, manifest = prep(cfg, tmp_path / "in", tmp_path)
+    finally:
+        locked.chmod(0o644)
+    [rejection] = manifest.rejected
+    assert (rejection.file, rejection.reason) == ("locked.jpg", "unreadable")
+    assert "cannot be read (Permission denied): make it readable" in rejection.message
 
 
 def test_bad_inputs_are_skipped_and_reported(

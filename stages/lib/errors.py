@@ -7,3 +7,7 @@ class StageError(RuntimeError):
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or invalid; the message names the key and the fix."""
+
+
+class ModelLoadError(StageError):
+    """The configured model cannot be loaded; the message names the source, path and what to do."""

@@ -13,18 +13,41 @@ if TYPE_CHECKING:
     import torch
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+VIEW_CELL = 256  # grids meant to be looked at (validation, samples) get cells at least this wide
+
+
+def view_cell(images: Sequence[Image.Image]) -> int:
+    """The cell width of a grid people look at: the images' own width, enlarged to at least ``VIEW_CELL``."""
+    return max(VIEW_CELL, *(im.width for im in images))
+
+
+def to_eight_bit(image: Image.Image) -> Image.Image:
+    """A one-channel high-bit-depth image (16-bit ``I;16*``, 32-bit ``I``, float ``F``) as 8-bit ``L``, scaled by
+    its bit depth instead of clipped: 16-bit data (also when Pillow holds it as ``I``) maps 0-65535 to 0-255,
+    float data maps 0-1 to 0-255 (0-255 when its values reach past 1). Other modes are returned unchanged."""
+    if not (image.mode.startswith("I") or image.mode == "F"):
+        return image
+    import numpy as np
+
+    values = np.asarray(image).astype(np.float64)
+    top = float(values.max()) if values.size else 0.0
+    if image.mode.startswith("I;16") or (image.mode == "I" and top > 255):
+        scale = 255 / 65535
+    elif image.mode == "F" and top <= 1.0:
+        scale = 255.0
+    else:
+        scale = 1.0
+    return Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8), "L")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Apply EXIF orientation and convert any mode (RGBA, L, CMYK, P, I;16...) to RGB on white."""
+    """Apply EXIF orientation and convert any mode (RGBA, L, CMYK, P, I;16, I, F...) to 8-bit RGB on white."""
     image = ImageOps.exif_transpose(image)
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode.startswith("I;16"):
-        image = image.point(lambda v: v / 256).convert("L")
-    return image.convert("RGB")
+    return to_eight_bit(image).convert("RGB")
 
 
 def to_pixels(images: Sequence[Image.Image], size: int | tuple[int, int] | None = None) -> torch.Tensor:

@@ -12,7 +12,17 @@ from pathlib import Path
 MANIFEST = "manifest.json"
 METHODS = ("face", "saliency", "center")
 DETECTORS = ("dlib", "haar")  # which detector found the face of a "face" crop
-REASONS = ("corrupt", "not_an_image", "unsupported_format", "too_small", "duplicate", "no_face")
+REASONS = (
+    "corrupt",
+    "not_an_image",
+    "unsupported_format",
+    "too_small",
+    "blank",
+    "duplicate",
+    "no_face",
+    "not_a_file",
+    "unreadable",
+)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from stages.lib.models.loading import SD15_CONFIG_DIR, ModelLoadError
+from stages.lib.models.pickles import load_weights_only
 from stages.lib.models.single_file import (
     Rule,
     convert_state_dict,
@@ -86,7 +87,13 @@ def _single_file_keys(path: Path) -> list[str]:
                 f"{path}: this diffusers version unpickles {path.suffix} files without weights_only=True; "
                 "refusing to load a pickle. Use a .safetensors file."
             )
-        return [ORIGINAL_PREFIX]  # diffusers reads it weights-only; it checks the keys itself
+        try:
+            checkpoint = load_weights_only(path)
+        except ModelLoadError as err:
+            raise ControlNetLoadError(f"controlnet.model_path={err}") from err
+        while isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+            checkpoint = checkpoint["state_dict"]
+        return list(checkpoint) if isinstance(checkpoint, dict) else []
     try:
         with safe_open(str(path), framework="pt") as handle:
             return list(handle.keys())

@@ -11,7 +11,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from stages.lib.config.schema import ComputeConfig
-from stages.lib.errors import StageError
+from stages.lib.errors import ModelLoadError
+from stages.lib.models.pickles import check_pipeline_weights
 from stages.lib.models.tokenizer import VOCAB_SIZE
 
 log = logging.getLogger(__name__)
@@ -19,10 +20,6 @@ log = logging.getLogger(__name__)
 SD15_CONFIG_DIR = Path(__file__).parent / "sd15_configs"
 MODEL_SOURCES = ("tiny", "hub", "folder", "single_file")
 PIPELINE_KWARGS = {"safety_checker": None, "requires_safety_checker": False}
-
-
-class ModelLoadError(StageError):
-    """The configured model cannot be loaded; the message names the source, path and what to do."""
 
 
 def resolve_device(cfg: ComputeConfig) -> torch.device:
@@ -65,6 +62,7 @@ def load_pipeline(folder: str | Path, torch_dtype: torch.dtype | None = None) ->
         raise ModelLoadError(f"{folder}: not a diffusers pipeline folder (model_index.json missing)")
     if torch_dtype in (torch.float16, torch.bfloat16) and is_tiny_default(folder):
         torch_dtype = None
+    check_pipeline_weights(folder)  # a pickle that could run code: refused in one line, before diffusers
     pipe = StableDiffusionPipeline.from_pretrained(
         folder, torch_dtype=torch_dtype, local_files_only=True, **PIPELINE_KWARGS
     )

@@ -7,16 +7,24 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from stages.lib.errors import StageError
+
 
 @contextmanager
 def atomic_dir(final: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary sibling of ``final``; on success it replaces ``final``, on error it is removed."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    except PermissionError as err:
+        raise StageError(
+            f"cannot write {final}: {final.parent} is not writable ({err.strerror}); "
+            f"make it writable (chmod -R u+rwX {final.parent}) and run again"
+        ) from err
     try:
         yield tmp
     except BaseException:

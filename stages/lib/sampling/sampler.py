@@ -21,7 +21,6 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import sys
 from collections import deque
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,6 +34,7 @@ from tqdm.auto import tqdm
 
 from stages.lib.config.batch_size import AUTO, parse_batch_size
 from stages.lib.errors import StageError
+from stages.lib.runtime.quiet import progress_interval
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -360,7 +360,7 @@ def sample(
         desc=desc,
         unit="img",
         disable=not progress,
-        mininterval=0.1 if sys.stderr.isatty() else 1.0,
+        mininterval=progress_interval(),
     )
     with bar, ImageWriter() as writer:
         while queue:

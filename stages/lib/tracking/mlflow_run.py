@@ -20,6 +20,58 @@ from stages.lib.config.schema import TrackingConfig
 log = logging.getLogger(__name__)
 METRIC_BATCH = 1000  # MLflow's limit of metrics in one log_batch call
 MetricRow = tuple[str, float, int, int]  # key, value, timestamp (ms), step
+# the experiment opens in MLflow's model-training view (runs, metrics, artifacts), not its GenAI view (traces)
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+PIPELINE_TAG = "pipeline_run"  # the same on every stage run of one `dvc repro` / `dvc exp run`
+PARENT_TAG = "pipeline_parent"
+
+
+@dataclass(frozen=True)
+class PipelineRun:
+    """One `dvc repro` / `dvc exp run` invocation: ``key`` is unique to it, ``label`` names its parent run."""
+
+    key: str
+    label: str
+
+
+def _proc(pid: int) -> tuple[int, int, list[str]] | None:
+    """(parent pid, start time in clock ticks after boot, argv) of a process, from /proc (Linux); None elsewhere."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "; comm may hold spaces
+    return int(fields[1]), int(fields[19]), argv
+
+
+def _dvc_index(argv: list[str]) -> int | None:
+    """Where ``dvc`` stands in a command line (``dvc ...``, ``python .../dvc ...``, ``python -m dvc ...``)."""
+    for i, arg in enumerate(argv[:3]):
+        if Path(arg).name == "dvc":
+            return i
+    return None
+
+
+def pipeline_run() -> PipelineRun | None:
+    """The `dvc repro` / `dvc exp run` this stage runs under (DVC sets DVC_STAGE; the nearest `dvc` process among
+    the ancestors is the invocation), or None outside DVC or where /proc cannot tell."""
+    if not os.environ.get("DVC_STAGE"):
+        return None
+    pid = os.getppid()
+    for _ in range(8):
+        info = _proc(pid)
+        if info is None or pid <= 1:
+            return None
+        parent, started, argv = info
+        at = _dvc_index(argv)
+        if at is not None:
+            exp = os.environ.get("DVC_EXP_NAME", "")
+            words = [a for a in argv[at + 1 : at + 3] if a and not a.startswith("-")]
+            label = f"dvc exp run [{exp}]" if exp else " ".join(["dvc", *(words or ["repro"])])
+            return PipelineRun(f"{pid}-{started}-{exp}", label)  # a queue worker runs several experiments
+        pid = parent
+    return None
 
 
 def project_root() -> Path:
@@ -68,15 +120,24 @@ class MlflowRun:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         uri = tracking_uri(self.cfg)
         mlflow.set_tracking_uri(uri)
-        if mlflow.get_experiment_by_name(self.cfg.experiment_name) is None:
+        experiment = mlflow.get_experiment_by_name(self.cfg.experiment_name)
+        if experiment is None:
             artifact_location = None
             if uri.startswith("sqlite:///") and not self.cfg.uri:
                 artifact_location = (project_root() / "mlartifacts").as_uri()
-            mlflow.create_experiment(self.cfg.experiment_name, artifact_location=artifact_location)
-        mlflow.set_experiment(self.cfg.experiment_name)
+            mlflow.create_experiment(
+                self.cfg.experiment_name, artifact_location=artifact_location, tags=EXPERIMENT_KIND
+            )
+        elif not EXPERIMENT_KIND.items() <= experiment.tags.items():
+            for key, value in EXPERIMENT_KIND.items():
+                mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
+        experiment_id = mlflow.set_experiment(self.cfg.experiment_name).experiment_id
         exp_name = os.environ.get("DVC_EXP_NAME", "")
         run_name = f"{self.stage}" + (f" [{exp_name}]" if exp_name else "")
         tags = {"stage": self.stage, "git_commit": git_commit(), "dvc_exp_name": exp_name}
+        group = pipeline_run()
+        if group is not None:  # the stage runs of one dvc invocation are children of one parent run
+            tags |= {PIPELINE_TAG: group.key, "mlflow.parentRunId": self._parent(experiment_id, group, tags)}
         run = mlflow.start_run(run_name=run_name, tags=tags)
         self.result.run_id = run.info.run_id
         self._mlflow = mlflow
@@ -84,6 +145,23 @@ class MlflowRun:
         items = [(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
             mlflow.log_params(dict(items[i : i + 100]))
+
+    def _parent(self, experiment_id: str, group: PipelineRun, tags: dict[str, str]) -> str:
+        """The parent run of ``group``'s stage runs: found by its tag, or created (and marked finished)."""
+        import mlflow
+
+        client = mlflow.MlflowClient()
+        found = client.search_runs(
+            [experiment_id],
+            f"tags.{PIPELINE_TAG} = '{group.key}' and tags.{PARENT_TAG} = 'true'",
+            max_results=1,
+        )
+        if found:
+            return found[0].info.run_id
+        parent_tags = {**tags, PIPELINE_TAG: group.key, PARENT_TAG: "true", "stage": "pipeline"}
+        run = client.create_run(experiment_id, run_name=group.label, tags=parent_tags)
+        client.set_terminated(run.info.run_id, "FINISHED")
+        return run.info.run_id
 
     def log_metrics(self, rows: list[MetricRow]) -> None:
         """Write metric rows in batches of MLflow's limit."""

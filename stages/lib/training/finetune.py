@@ -13,7 +13,7 @@ import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 
 from stages.lib.config.schema import ComputeConfig, DataConfig, TrainConfig
-from stages.lib.imaging.images import make_grid, save_image
+from stages.lib.imaging.images import make_grid, save_image, view_cell
 from stages.lib.models.loading import allows_half_precision
 from stages.lib.runtime.hashing import fingerprint, hash_files
 from stages.lib.tracking.tracker import StageTracker
@@ -207,7 +207,8 @@ def make_validation_hook(
         pipe.unet.eval()
         images = sample_validation(pipe, cfg, prompt)
         pipe.unet.train(was_training)
-        save_validation_grid(make_grid(images, columns=len(images)), step, reports_dir, tracker)
+        grid = make_grid(images, columns=len(images), cell=view_cell(images))
+        save_validation_grid(grid, step, reports_dir, tracker)
 
     return validate
 

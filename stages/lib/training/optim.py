@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 def _adamw8bit(
     params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device
 ) -> torch.optim.Optimizer:
-    """bitsandbytes' 8-bit AdamW on CUDA; torch AdamW with a logged warning where it cannot run."""
+    """bitsandbytes' 8-bit AdamW on CUDA; torch AdamW with a RuntimeWarning where it cannot run."""
     if device.type == "cuda":
         try:
             import bitsandbytes as bnb
@@ -32,8 +32,7 @@ def _adamw8bit(
     else:
         reason = f"8-bit AdamW needs CUDA, this run is on {device.type}"
     msg = f"optimizer=adamw8bit: {reason}; falling back to torch.optim.AdamW (fp32 states)"
-    log.warning(msg)
-    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)  # once per place that builds the optimizer
     return _torch_adamw(params, cfg, device)
 
 
