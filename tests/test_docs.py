@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from benchmarks import multi_gpu, train_step
+from benchmarks import multi_gpu, speed, train_step
 
 from .conftest import PROJECT_ROOT
 
@@ -17,6 +17,8 @@ TABLES = [  # (renderer, result JSON, docs page that shows it)
     (train_step.render_table, "benchmarks/results_h200.json", "docs/gpu.md"),
     (train_step.render_table, "benchmarks/results_tiny_cpu.json", "docs/miniature.md"),
     (multi_gpu.render_table, "benchmarks/results_h200_multi_gpu_n1.json", "docs/gpu.md"),
+    (speed.markdown_table, "benchmarks/results/speed_h100.json", "README.md"),
+    (speed.markdown_table, "benchmarks/results/speed_h100.json", "docs/gpu-speed.md"),
 ]
 
 
