@@ -25,6 +25,7 @@ from stages.compare import world_scores
 from stages.infer import Variant, generate_variants
 from stages.lib.config.loader import load_config
 from stages.lib.config.schema import PipelineConfig
+from stages.lib.layout import LORA_WEIGHT_NAME
 from stages.lib.miniature.attribute_reader import READER_DIR, load_reader
 from stages.lib.miniature.world_metrics import DESCRIPTIONS as WORLD_METRICS
 from stages.lib.sampling.inference import InferIndex
@@ -61,7 +62,7 @@ def sweep_config(
 
 def saved_alpha(lora_dir: Path) -> float:
     """``lora_alpha`` as the saved adapter's metadata records it (what diffusers loads it with)."""
-    with safe_open(lora_dir / lora_stage.WEIGHT_NAME, "pt") as weights:
+    with safe_open(lora_dir / LORA_WEIGHT_NAME, "pt") as weights:
         metadata = json.loads(weights.metadata()["lora_adapter_metadata"])
     return float(metadata["unet.lora_alpha"])
 
