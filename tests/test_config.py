@@ -103,3 +103,18 @@ def test_unknown_section_and_missing_file(tmp_path: Path) -> None:
         load_config(bad)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_lora_and_controlnet_training_inherit_every_dreambooth_option(tmp_path: Path) -> None:
+    """lora.train / controlnet.train state only their differences: an option set on dreambooth (even one conf/
+    never names, like num_probes) reaches both; what they set themselves stays theirs."""
+    overrides = ["dreambooth.num_probes=8", "dreambooth.resolution=96", "lora.train.resolution=128"]
+    params = compose(tmp_path / "p.yaml", overrides, root=PROJECT_ROOT)
+    cfg = load_config(params)
+    assert (cfg.lora.train.num_probes, cfg.controlnet.train.num_probes) == (8, 8)
+    assert (cfg.lora.train.resolution, cfg.controlnet.train.resolution) == (128, 96)
+    assert cfg.lora.train.learning_rate != cfg.dreambooth.learning_rate  # the LoRA rate, from the tiny profile
+    assert not cfg.controlnet.train.train_text_encoder
+    written = yaml.safe_load(params.read_text())
+    assert written["lora"]["train"]["num_probes"] is None, "params.yaml: null = dreambooth's value"
+    assert sum(v is not None for v in written["controlnet"]["train"].values()) < 10

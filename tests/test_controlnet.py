@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from stages import controlnet, controlnet_train, dreambooth, lora
-from stages.lib.config.loader import load_config
+from stages.lib.config.loader import load_config, save_params
 from stages.lib.errors import StageError
 from stages.lib.imaging.annotators import annotate_pixels, get_annotator
 from stages.lib.metrics.edge_metrics import DEFAULT_TOLERANCE_FRACTION
@@ -159,7 +159,6 @@ def test_two_processes_train_the_controlnet_like_one_with_the_same_global_batch(
     world, tmp_path: Path
 ) -> None:
     """compute.num_processes=2 relaunches the stage; each process keeps its rows' maps (Batch.shard)."""
-    from omegaconf import OmegaConf
 
     cfg = copy.deepcopy(world.cfg)
     train = cfg.controlnet.train
@@ -169,7 +168,7 @@ def test_two_processes_train_the_controlnet_like_one_with_the_same_global_batch(
     controlnet_train.run(cfg, db, tmp_path / "one", world.paths("cn_one"))
     train.train_batch_size, cfg.compute.num_processes = 1, 2
     params = tmp_path / "p.yaml"
-    params.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    save_params(cfg, params)
     paths = world.paths("cn_two")
     status = controlnet_train.main(["--params", str(params), "--model", str(db), "--prepared", str(world.prepared),
         "--class-images", str(world.class_dir), "--out", str(tmp_path / "two"),

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import load_file
 
 from stages import dreambooth
+from stages.lib.config.loader import save_params
 from stages.lib.config.schema import ComputeConfig, PipelineConfig
 from stages.lib.runtime.distributed import launch_command
 
@@ -38,7 +38,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> TinyWorld:
 def _params(cfg: PipelineConfig, path: Path, processes: int) -> Path:
     cfg = copy.deepcopy(cfg)
     cfg.compute.num_processes = processes
-    path.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    save_params(cfg, path)
     return path
 
 

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from stages import base
+from stages.lib.config.loader import save_params
 from stages.lib.config.schema import PipelineConfig
 from stages.lib.errors import StageError
 from stages.lib.models.controlnet_model import ControlNetLoadError, load_controlnet
@@ -76,12 +77,11 @@ def run_stage(run, argv: list[str] | None = None) -> int:
 
 @pytest.fixture
 def params(tmp_path: Path) -> str:
-    from omegaconf import OmegaConf
 
     cfg = PipelineConfig()
     cfg.tracking.enabled = False
     path = tmp_path / "params.yaml"
-    OmegaConf.save(OmegaConf.structured(cfg), path)
+    save_params(cfg, path)
     return str(path)
 
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 from PIL import Image
 
 from stages.compare import identity_scores, load_identity
+from stages.lib.config.loader import save_params
 from stages.lib.config.schema import PipelineConfig
 from stages.lib.errors import ConfigError, StageError
 from stages.lib.imaging import face_detection
@@ -463,7 +463,7 @@ def test_invalid_prep_config_names_the_key(cfg: PipelineConfig, tmp_path: Path) 
 
 
 def write_params(cfg: PipelineConfig, path: Path) -> Path:
-    OmegaConf.save(OmegaConf.structured(cfg), path)
+    save_params(cfg, path)
     return path
 
 

@@ -10,9 +10,9 @@ import subprocess
 import sys
 
 import pytest
-from omegaconf import OmegaConf
 from PIL import Image
 
+from stages.lib.config.loader import save_params
 from stages.lib.imaging.images import VIEW_CELL
 from stages.lib.runtime import quiet
 
@@ -50,7 +50,7 @@ def test_stage_logs_are_quiet(world: TinyWorld) -> None:
     cfg = world.cfg
     cfg.lora.ranks, cfg.lora.rank = [4], 4
     cfg.lora.train.optimizer = "adamw8bit"  # on a CPU: falls back to torch AdamW, with one warning
-    OmegaConf.save(OmegaConf.structured(cfg), world.root / "quiet.yaml")
+    save_params(cfg, world.root / "quiet.yaml")
     lora_dir = world.root / "models" / "lora"
     paths = ["--prepared", str(world.prepared), "--class-images", str(world.class_dir)]
     lora = run_stage(world, "lora", "--rank", "4", "--dreambooth", str(world.base_dir), *paths,

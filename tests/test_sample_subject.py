@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from omegaconf import OmegaConf
 from PIL import Image, ImageOps
 
 from stages import prep, sample_subject
 from stages.compose import compose
-from stages.lib.config.loader import load_config
+from stages.lib.config.loader import load_config, save_params
 from stages.lib.config.schema import PipelineConfig, SampleSubjectConfig
 from stages.lib.errors import ConfigError
 from stages.lib.imaging.faces import detect_faces
@@ -129,7 +128,7 @@ def test_bad_config_names_the_key(cfg: PipelineConfig, tmp_path: Path, key: str,
 
 def test_cli(cfg: PipelineConfig, tmp_path: Path) -> None:
     params = tmp_path / "params.yaml"
-    OmegaConf.save(OmegaConf.structured(cfg), params)
+    save_params(cfg, params)
     assert sample_subject.main(["--params", str(params), "--out", str(tmp_path / "out")]) == 0
     assert len(list((tmp_path / "out").glob("subject_*.[jp][pn]g"))) == NUM
 

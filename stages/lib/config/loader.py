@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from dataclasses import fields, is_dataclass
+from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -87,7 +87,7 @@ def checked_config(data: dict[str, Any], source: str) -> PipelineConfig:
 
 def to_flat_dict(obj: Any, prefix: str = "") -> dict[str, Any]:
     """Flatten a dataclass (or mapping) into ``{"a.b.c": value}`` for experiment trackers."""
-    data = OmegaConf.to_container(OmegaConf.structured(obj)) if is_dataclass(obj) else obj
+    data = asdict(obj) if is_dataclass(obj) else obj
     flat: dict[str, Any] = {}
     for key, value in data.items():  # type: ignore[union-attr]
         name = f"{prefix}{key}"
@@ -96,3 +96,11 @@ def to_flat_dict(obj: Any, prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+def save_params(cfg: PipelineConfig, path: str | Path) -> Path:
+    """Write ``cfg`` as a params.yaml that :func:`load_config` reads back to an equal configuration (training
+    sections written out whole)."""
+    path = Path(path)
+    path.write_text(OmegaConf.to_yaml(OmegaConf.create(asdict(cfg))))
+    return path

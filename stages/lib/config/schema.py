@@ -8,7 +8,8 @@ runs, and the stages read their section of ``params.yaml`` back into these class
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
+from typing import Optional
 
 from stages.lib.config.batch_size import parse_batch_size
 
@@ -50,6 +51,27 @@ class TrainConfig:
     )
     num_probes: int = 4  # images used by the fixed-noise probe losses
     seed: int = 0
+
+
+_SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
+
+# TrainConfig's fields, each optional: what lora.train and controlnet.train state; None (null in params.yaml)
+# takes dreambooth's value, so a training option is one TrainConfig field that every trainer inherits.
+TrainOverrides = make_dataclass(
+    "TrainOverrides",
+    [(f.name, Optional[_SCALARS[f.type]], field(default=None)) for f in fields(TrainConfig)],  # noqa: UP045
+)
+TrainOverrides.__module__ = __name__  # resolvable by name, like the classes written out here
+
+
+def inherit(base: TrainConfig, overrides: object) -> TrainConfig:
+    """``base``'s training settings with every value ``overrides`` (a ``TrainOverrides``) sets; a ``TrainConfig``
+    is returned as it is (already resolved)."""
+    if isinstance(overrides, TrainConfig):
+        return overrides
+    values = {f.name: getattr(base, f.name) for f in fields(TrainConfig)}
+    values.update({k: v for k, v in asdict(overrides).items() if v is not None})  # type: ignore[call-overload]
+    return TrainConfig(**values)
 
 
 @dataclass
@@ -178,8 +200,8 @@ class DreamBoothConfig(TrainConfig):
 class LoraConfig:
     """LoRA adapters on the DreamBooth UNet, one DVC stage per rank in ``ranks``.
 
-    ``train`` repeats the DreamBooth settings (conf/lora/default.yaml interpolates them from ``dreambooth``) with
-    the LoRA learning rate; it is a separate node so that changing the featured ``rank`` or adding a rank to
+    ``train`` states what differs from ``dreambooth`` (the LoRA learning rate); the rest is inherited when the
+    configuration is built. It is a separate node so that changing the featured ``rank`` or adding a rank to
     ``ranks`` never retrains the other adapters.
     """
 
@@ -187,7 +209,9 @@ class LoraConfig:
     rank: int = 24  # the featured adapter used by infer / compare / controlnet
     alpha: float = 0.0  # 0 means alpha = rank
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(learning_rate=5e-4))
+    train: TrainOverrides = field(  # type: ignore[valid-type]
+        default_factory=lambda: TrainOverrides(learning_rate=5e-4, train_text_encoder=False)
+    )
 
 
 @dataclass
@@ -262,9 +286,11 @@ class ControlNetConfig:
     control_images: list[str] = field(default_factory=list)  # empty: the first prepared photos
     num_control_images: int = 4  # how many prepared photos, when control_images is empty
     edge_tolerance: float = 0.0075  # edge F1 match distance, a fraction of the image diagonal (BSDS)
-    # Training when model_path is empty: conf/controlnet/default.yaml interpolates it from ``dreambooth`` with
-    # the ControlNet learning rate (diffusers' train_controlnet.py examples use 1e-5).
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(learning_rate=1e-5))
+    # Training when model_path is empty: what differs from ``dreambooth`` (the rest is inherited): the ControlNet
+    # learning rate (diffusers' train_controlnet.py examples use 1e-5); only the ControlNet trains.
+    train: TrainOverrides = field(  # type: ignore[valid-type]
+        default_factory=lambda: TrainOverrides(learning_rate=1e-5, train_text_encoder=False)
+    )
 
 
 @dataclass
@@ -316,6 +342,11 @@ class PipelineConfig:
     # Written when conf/ is composed (conf/config.yaml interpolates hydra_plugins/sdpipe's resolver): the keys and
     # values of the composition passed stages/lib/config/checks.py, so a bad `-S` stops before params.yaml changes.
     checked: str = ""
+
+    def __post_init__(self) -> None:
+        """``lora.train`` and ``controlnet.train`` become whole ``TrainConfig``s: dreambooth's settings with theirs."""
+        self.lora.train = inherit(self.dreambooth, self.lora.train)
+        self.controlnet.train = inherit(self.dreambooth, self.controlnet.train)
 
 
 SECTIONS: dict[str, type] = {
