@@ -113,7 +113,8 @@ def test_lora_and_controlnet_training_inherit_every_dreambooth_option(tmp_path: 
     cfg = load_config(params)
     assert (cfg.lora.train.num_probes, cfg.controlnet.train.num_probes) == (8, 8)
     assert (cfg.lora.train.resolution, cfg.controlnet.train.resolution) == (128, 96)
-    assert cfg.lora.train.learning_rate != cfg.dreambooth.learning_rate  # the LoRA rate, from the tiny profile
+    # the LoRA rate, from the tiny profile
+    assert cfg.lora.train.learning_rate != cfg.dreambooth.learning_rate
     assert not cfg.controlnet.train.train_text_encoder
     written = yaml.safe_load(params.read_text())
     assert written["lora"]["train"]["num_probes"] is None, "params.yaml: null = dreambooth's value"
