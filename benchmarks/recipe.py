@@ -176,10 +176,12 @@ def scaled(value: int, factor: float) -> int:
 
 
 def scale_overrides(params: dict[str, Any], factor: float) -> dict[str, Any]:
-    """Class-image count and training steps (with validation / checkpoint intervals) times ``factor``."""
+    """Class-image count and training steps (with validation / checkpoint intervals) times ``factor``; a training
+    key left null in ``lora.train`` / ``controlnet.train`` follows dreambooth's scaled value."""
     keys = ["class_images.num_class_images"]
     keys += [f"{section}.{key}" for section in TRAIN_SECTIONS for key in SCALED_TRAIN_KEYS]
-    return {key: scaled(get_key(params, key), factor) for key in keys} if factor != 1.0 else {}
+    values = {key: get_key(params, key) for key in keys}
+    return {k: scaled(v, factor) for k, v in values.items() if v is not None} if factor != 1.0 else {}
 
 
 def tiny_overrides() -> dict[str, Any]:

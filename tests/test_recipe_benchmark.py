@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import recipe
+from stages.lib.config.loader import checked_config
 
 from .conftest import PROJECT_ROOT
 
@@ -40,7 +41,9 @@ def test_scale_multiplies_counts_and_steps_only(seed_params: dict) -> None:
     args = recipe.parse_args(["--scale", "0.1", "--set", "infer.seed=3"])
     params, changes = recipe.benchmark_params(seed_params, args)
     assert params["class_images"]["num_class_images"] == 50
-    assert params["dreambooth"]["max_train_steps"] == params["lora"]["train"]["max_train_steps"] == 80
+    assert params["dreambooth"]["max_train_steps"] == 80
+    assert params["lora"]["train"]["max_train_steps"] is None, "left null: LoRA inherits DreamBooth's"
+    assert checked_config(params, "benchmark params").lora.train.max_train_steps == 80
     assert params["dreambooth"]["validation_steps"] == 20
     assert (
         params["class_images"]["num_inference_steps"] == 50 and params["infer"]["num_inference_steps"] == 30
