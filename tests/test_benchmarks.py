@@ -90,3 +90,17 @@ def test_speed_benchmark_on_the_tiny_model_checks_and_tables(tmp_path: Path) -> 
         and "| infer (30 steps, CFG 7.5, 5 prompts) |" in table
     )
     assert f"**{results['lora_r4']['ratio']['median']:.2f}x**" in table
+
+
+def test_sampling_profile_times_each_side_on_the_tiny_model(tmp_path: Path) -> None:
+    from benchmarks import sampling_profile
+
+    out = tmp_path / "sampling.json"
+    results = sampling_profile.main(
+        ["--model", "tiny", "--device", "cpu", "--rounds", "1", "--images-per-prompt", "1", "--steps", "2",
+         "--out", str(out)]
+    )  # fmt: skip
+    assert json.loads(out.read_text()) == results and results["images"] == 5
+    sides = results["sides"]
+    assert set(sides) == {"plain", "plain_latents_only", "project_no_files", "project_with_pngs"}
+    assert all(row["median_s"] > 0 and len(row["runs"]) == 1 for row in sides.values())
