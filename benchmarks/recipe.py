@@ -20,15 +20,16 @@ Without an OpenCV that has Haar cascades (opencv 5), prep and compare would stop
 there they run through this module (``--stage-without-haar``) with face detection finding no face, so prep crops
 at the saliency centroid (or the centre) and compare's face_detection_rate is 0; the JSON says so.
 
-The params come from conf/: where DVC is installed (this machine), ``profile=seed_hw4 tracking.enabled=false`` is
-composed into ``--params`` (default tmp/recipe/seed_hw4.yaml, git-ignored); the GPU machine has no DVC and reads
-that file, carried there.
+The params come from conf/: where DVC is installed, ``profile=seed_hw4 tracking.enabled=false`` is
+composed into ``--params`` (default tmp/recipe/seed_hw4.yaml, git-ignored); a GPU host without DVC reads that
+file, copied there.
 
-CPU smoke run (5 min on this 2-core machine while other jobs ran; the tiny model at 64 px, every stage)::
+CPU smoke run (5 min on 2 CPU cores; the tiny model at 64 px, every stage)::
 
     python -m benchmarks.recipe --tiny --scale 0.01 --device cpu --work /tmp/recipe-smoke
 
-GPU machine (no DVC there: compose on this machine first, then carry tmp/recipe/seed_hw4.yaml and .whl/)::
+A GPU host without DVC or diffusers (compose where DVC is installed, then copy tmp/recipe/seed_hw4.yaml and
+wheels in .whl/)::
 
     python -m benchmarks.recipe --compose-only
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -409,7 +410,7 @@ def stage_without_haar(argv: list[str]) -> int:
     from stages.lib.imaging import faces
 
     faces.detect_faces = lambda image, min_face_fraction=0.0, min_neighbors=5: []
-    # nor dlib's detector (the GPU machine has none): import dlib raises ImportError
+    # nor dlib's detector (as on a host without it): import dlib raises ImportError
     sys.modules["dlib"] = None
     from stages.__main__ import main as stages_main
 

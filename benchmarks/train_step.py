@@ -4,7 +4,7 @@ same run on the same device, printed as ratios.
 Baseline = what diffusers' train_dreambooth.py does per step (VAE encode of the pixel batch and text-encoder
 forward every step; on CUDA bf16 autocast and bitsandbytes AdamW8bit, on the CPU fp32 and torch's AdamW with its
 defaults) and logs the loss to MLflow every step, as accelerate's MLflow tracker does (``--no-mlflow``: neither
-side logs; the GPU machine has no MLflow).
+side logs; for hosts without MLflow).
 Project = stages.lib.training.trainer.DiffusionTrainer (cached latents and embeddings, fused AdamW where 8-bit cannot run,
 MLflow step metrics in batches) with its StageTracker.
 Random weights, nothing downloaded: ``--model sd15`` the real SD1.5 configs (stages/lib/models/sd15_configs) at 512 px on

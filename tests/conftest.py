@@ -75,7 +75,7 @@ def _tracking_outside_the_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 @pytest.fixture
 def tiny_params(tmp_path: Path) -> Path:
     """params.yaml of the tiny profile, composed from conf/ like DVC does."""
-    from stages.compose import compose  # imports DVC, which the GPU machine does not have
+    from stages.compose import compose  # imports DVC, which a CUDA-only test setup may lack
 
     return compose(tmp_path / "params.yaml", [], root=PROJECT_ROOT)
 

@@ -32,7 +32,7 @@ def test_docs_show_the_rendered_benchmark_table(render, result: str, page: str) 
 
 @pytest.mark.parametrize("page", ["README.md", *sorted(p.name for p in (PROJECT_ROOT / "docs").glob("*.md"))])
 def test_docs_speak_of_results_not_of_history(page: str) -> None:
-    """No development history in the user-facing pages ("session N", "the GPU machine", "slow hour")."""
+    """User-facing pages state results and how to reproduce them, never when or where they were worked on."""
     path = PROJECT_ROOT / page if page == "README.md" else PROJECT_ROOT / "docs" / page
     text = path.read_text().lower()
     for phrase in ("session ", "gpu machine", "slow hour", "fast hour", "last time"):

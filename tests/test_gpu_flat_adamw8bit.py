@@ -1,4 +1,4 @@
-"""FlatAdamW8bit's Triton kernel on CUDA (run on the GPU machine with `pytest -m gpu -k flat_adamw8bit`;
+"""FlatAdamW8bit's Triton kernel on CUDA (run on a CUDA host with `pytest -m gpu -k flat_adamw8bit`;
 deselected elsewhere): the kernel against the torch backend, against bitsandbytes' AdamW8bit, inside a CUDA
 graph, and a timing print at SD1.5-UNet size."""
 

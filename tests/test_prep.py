@@ -183,7 +183,7 @@ def test_require_face_rejects_photos_without_a_face(cfg: PipelineConfig, tmp_pat
 def test_without_dlib_the_haar_cascade_places_the_crop(
     cfg: PipelineConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Where dlib is not installed (the GPU machine) prep still runs, on the Haar cascade, and says so."""
+    """Where dlib is not installed prep still runs, on the Haar cascade, and says so."""
     monkeypatch.setitem(sys.modules, "dlib", None)  # import dlib raises ImportError
     face_detection.reset()
     try:

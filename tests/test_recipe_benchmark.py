@@ -1,5 +1,5 @@
 """The recipe benchmark (benchmarks/recipe.py): dvc.yaml's stage commands resolved from the seed profile, and its
-smoke mode run end to end on the CPU, the way the GPU machine runs it (no Haar cascade)."""
+smoke mode run end to end on the CPU, the way a GPU host without opencv's Haar cascades runs it."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ SMOKE_SETS = ["lora.ranks=[4]", "lora.rank=4", "infer.variants=[dreambooth,lora]
 @pytest.mark.slow
 def test_smoke_run_times_every_stage_and_writes_outputs(tmp_path: Path) -> None:
     """The tiny random model through the stages: every stage's time, metrics and outputs land in the JSON; prep
-    runs as on the GPU machine, without opencv's Haar cascades (saliency / centre crops)."""
+    runs as on a host without opencv's Haar cascades (saliency / centre crops)."""
     out, work = tmp_path / "recipe.json", tmp_path / "work"
     cmd = [sys.executable, "-m", "benchmarks.recipe", "--tiny", "--scale", "0.002", "--device", "cpu",
            "--work", str(work), "--out", str(out), "--params", str(tmp_path / "params.yaml"),

@@ -85,7 +85,7 @@ def build_world(cfg: PipelineConfig, root: Path) -> TinyWorld:
 
 def new_world(factory, name: str, tracking_uri: str | None = None) -> TinyWorld:
     """A tiny world in a fresh temporary folder, from the tiny profile composed like DVC does."""
-    from stages.compose import compose  # imports DVC, which the GPU machine does not have
+    from stages.compose import compose  # imports DVC, which a CUDA-only test setup may lack
     from stages.lib.config.loader import load_config
 
     from .conftest import PROJECT_ROOT
