@@ -94,3 +94,14 @@ def without_pretraining(cfg: PipelineConfig) -> PipelineConfig:
     cfg.model.tiny.pretrain.max_train_steps = 0
     cfg.model.tiny.world.reader_steps = 0
     return cfg
+
+
+def untrained_base(root: Path) -> Path:
+    """The tiny base model at its random initialisation, built by the base stage under ``root`` (no tracking)."""
+    from stages import base
+    from stages.compose import compose  # imports DVC, which a CUDA-only test setup may lack
+
+    cfg = without_pretraining(load_config(compose(root / "params.yaml", [], root=PROJECT_ROOT)))
+    cfg.tracking.enabled = False
+    base.run(cfg, root / "base", root / "reports")
+    return root / "base"

@@ -10,9 +10,6 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
-from stages import base
-from stages.compose import compose
-from stages.lib.config.loader import load_config
 from stages.lib.errors import StageError
 from stages.lib.models.loading import load_pipeline
 from stages.lib.sampling.inference import (
@@ -25,7 +22,7 @@ from stages.lib.sampling.inference import (
     slugify,
 )
 
-from .conftest import PROJECT_ROOT, without_pretraining
+from .conftest import untrained_base
 
 PROMPTS = ["a photo of sks man face in a kitchen", "anime style portrait of sks man face"]
 SETTINGS = {"seed": 3, "height": 64, "width": 64, "num_inference_steps": 3, "num_images_per_prompt": 2}
@@ -33,11 +30,7 @@ SETTINGS = {"seed": 3, "height": 64, "width": 64, "num_inference_steps": 3, "num
 
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory: pytest.TempPathFactory) -> StableDiffusionPipeline:
-    root = tmp_path_factory.mktemp("inference")
-    cfg = without_pretraining(load_config(compose(root / "params.yaml", [], root=PROJECT_ROOT)))
-    cfg.tracking.enabled = False
-    base.run(cfg, root / "base", root / "reports")
-    return load_pipeline(root / "base")
+    return load_pipeline(untrained_base(tmp_path_factory.mktemp("inference")))
 
 
 @pytest.fixture(scope="module")

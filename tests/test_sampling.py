@@ -16,7 +16,7 @@ from diffusers import StableDiffusionPipeline
 from omegaconf.errors import InterpolationResolutionError
 from PIL import Image
 
-from stages import base, class_images
+from stages import class_images
 from stages.compose import compose
 from stages.lib.config.loader import build_section, load_config
 from stages.lib.config.schema import ComputeConfig, PipelineConfig
@@ -34,7 +34,7 @@ from stages.lib.sampling.sampler import (
     sample,
 )
 
-from .conftest import PROJECT_ROOT, without_pretraining
+from .conftest import PROJECT_ROOT, untrained_base
 
 PROMPTS = [
     "a photo of man face",
@@ -48,11 +48,7 @@ JOBS = [Job(PROMPTS[k % 3], 100 + k, k) for k in range(7)]
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("sampling")
-    cfg = without_pretraining(load_config(compose(root / "params.yaml", [], root=PROJECT_ROOT)))
-    cfg.tracking.enabled = False
-    base.run(cfg, root / "base", root / "reports")
-    return root / "base"
+    return untrained_base(tmp_path_factory.mktemp("sampling"))
 
 
 @pytest.fixture(scope="module")
