@@ -28,9 +28,10 @@ from PIL import Image, ImageDraw, ImageStat, UnidentifiedImageError
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from stages.lib.config.checks import check_prep
 from stages.lib.config.loader import to_flat_dict
 from stages.lib.config.schema import PipelineConfig, PrepConfig
-from stages.lib.errors import ConfigError, StageError
+from stages.lib.errors import StageError
 from stages.lib.imaging import face_detection
 from stages.lib.imaging.face_detection import Face
 from stages.lib.imaging.faces import FocalCrop, face_crop, focal_crop
@@ -75,21 +76,6 @@ class Photo:
     sha256: str
     pixel_sha256: str
     image: Image.Image  # RGB, upright
-
-
-def check_config(prep: PrepConfig) -> None:
-    """Reject prep settings the stage cannot honour, naming the key and the fix."""
-    problems = {
-        "resolution": prep.resolution >= 8 or "must be at least 8",
-        "on_bad_input": prep.on_bad_input in ("skip", "fail") or "must be 'skip' or 'fail'",
-        "face_padding": prep.face_padding >= 1.0 or "must be >= 1.0 (1.0 crops tight on the face)",
-        "min_face_fraction": 0 <= prep.min_face_fraction < 1 or "must be in [0, 1)",
-        "image_format": prep.image_format in SAVE_OPTIONS or f"must be one of {', '.join(SAVE_OPTIONS)}",
-        "contact_sheet_columns": prep.contact_sheet_columns >= 1 or "must be at least 1",
-    }
-    for key, ok in problems.items():
-        if ok is not True:
-            raise ConfigError(f"prep.{key}={getattr(prep, key)!r}: {ok}.")
 
 
 def decode(data: bytes, name: str) -> Image.Image:
@@ -348,7 +334,7 @@ def process(
 def run(cfg: PipelineConfig, input_dir: Path, output_dir: Path, reports_dir: Path) -> dict[str, int]:
     """Crop the photos of ``input_dir`` into ``output_dir``; returns the metrics."""
     prep = cfg.prep
-    check_config(prep)
+    check_prep(prep)
     input_dir, output_dir, reports_dir = Path(input_dir), Path(output_dir), Path(reports_dir)
     files = input_files(input_dir, output_dir)
     # <photo>.txt captions go with their photos; a .txt that names no photo is examined (and rejected) like any file

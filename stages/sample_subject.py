@@ -80,7 +80,7 @@ def check_config(cfg: SampleSubjectConfig) -> None:
     if cfg.min_size < MIN_IMAGE_SIDE or cfg.max_size < cfg.min_size:
         raise ConfigError(
             f"sample_subject.min_size={cfg.min_size}, sample_subject.max_size={cfg.max_size}: need "
-            f"{MIN_IMAGE_SIDE} <= min_size <= max_size (and min_size >= prep.resolution unless prep.allow_upscale)."
+            f"{MIN_IMAGE_SIDE} <= min_size <= max_size (both are raised to prep.resolution where they are smaller)."
         )
 
 

@@ -7,13 +7,12 @@ tests check them against the libraries' own lists.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from stages.lib.errors import ConfigError
 
 if TYPE_CHECKING:
-    from stages.lib.config.schema import PipelineConfig, TrainConfig
+    from stages.lib.config.schema import PipelineConfig, PrepConfig, TrainConfig
 
 OPTIMIZERS = ("adamw8bit", "adamw", "prodigy")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -30,6 +29,7 @@ LR_SCHEDULERS = (
 ANNOTATORS = ("canny",)
 DEVICES = ("auto", "cpu", "cuda")
 BAD_INPUT_POLICIES = ("skip", "fail")
+IMAGE_FORMATS = ("png", "jpg", "webp")  # prep's SAVE_OPTIONS
 EXPORT_DTYPES = ("float16", "bfloat16", "float32")
 SD15_NARROWEST_ATTENTION = 320  # SD1.5's first UNet block: the widest LoRA rank its to_q/k/v/out fit
 
@@ -131,38 +131,14 @@ def untrained_rank_message(rank: int, ranks: list[int]) -> str:
     )
 
 
-def _checks(cfg: PipelineConfig) -> Iterator[Callable[[], None]]:
-    yield lambda: one_of("compute.device", cfg.compute.device.split(":")[0], DEVICES)
-    yield lambda: at_least("compute.num_processes", cfg.compute.num_processes, 1)
-    yield lambda: one_of("prep.on_bad_input", cfg.prep.on_bad_input, BAD_INPUT_POLICIES)
-    yield lambda: multiple_of_8("prep.resolution", cfg.prep.resolution)
-    yield lambda: at_least("prep.face_padding", cfg.prep.face_padding, 1)
-    yield lambda: at_least("class_images.num_class_images", cfg.class_images.num_class_images, 0)
-    yield lambda: check_sampling(
-        "class_images", cfg.class_images.num_inference_steps, cfg.class_images.guidance_scale
-    )
-    yield lambda: check_train("dreambooth", cfg.dreambooth)
-    yield lambda: check_train("lora.train", cfg.lora.train)
-    yield lambda: check_train("controlnet.train", cfg.controlnet.train)
-    yield lambda: check_train("model.tiny.pretrain", cfg.model.tiny.pretrain)
-    yield lambda: check_lora(cfg)
-    yield lambda: one_of("convert.single_file_dtype", cfg.convert.single_file_dtype, EXPORT_DTYPES)
-    yield lambda: check_sampling("infer", cfg.infer.num_inference_steps, cfg.infer.guidance_scale)
-    yield lambda: multiple_of_8("infer.height", cfg.infer.height)
-    yield lambda: multiple_of_8("infer.width", cfg.infer.width)
-    yield lambda: at_least("infer.num_images_per_prompt", cfg.infer.num_images_per_prompt, 1)
-    yield lambda: one_of("controlnet.annotator", cfg.controlnet.annotator, ANNOTATORS)
-    yield lambda: at_least("controlnet.conditioning_scale", cfg.controlnet.conditioning_scale, 0)
-    yield lambda: between("controlnet.guidance_start", cfg.controlnet.guidance_start, 0, 1)
-    yield lambda: between("controlnet.guidance_end", cfg.controlnet.guidance_end, 0, 1)
-    yield lambda: _ordered(
-        "controlnet.guidance_start", cfg.controlnet.guidance_start, "controlnet.guidance_end",
-        cfg.controlnet.guidance_end,
-    )  # fmt: skip
-    yield lambda: _ordered(
-        "controlnet.low_threshold", cfg.controlnet.low_threshold, "controlnet.high_threshold",
-        cfg.controlnet.high_threshold,
-    )  # fmt: skip
+def check_prep(prep: PrepConfig) -> None:
+    """prep's settings (also checked by the stage itself, for configurations built in code)."""
+    multiple_of_8("prep.resolution", prep.resolution)
+    one_of("prep.on_bad_input", prep.on_bad_input, BAD_INPUT_POLICIES)
+    at_least("prep.face_padding", prep.face_padding, 1, "1 crops tight on the face")
+    between("prep.min_face_fraction", prep.min_face_fraction, 0, 1, closed_high=False)
+    one_of("prep.image_format", prep.image_format, IMAGE_FORMATS)
+    at_least("prep.contact_sheet_columns", prep.contact_sheet_columns, 1)
 
 
 def _ordered(low_key: str, low: float, high_key: str, high: float) -> None:
@@ -170,11 +146,35 @@ def _ordered(low_key: str, low: float, high_key: str, high: float) -> None:
         raise ConfigError(f"{low_key}={low!r} must be below {high_key}={high!r}")
 
 
+def _check_all(cfg: PipelineConfig) -> None:
+    one_of("compute.device", cfg.compute.device.split(":")[0], DEVICES)
+    at_least("compute.num_processes", cfg.compute.num_processes, 1)
+    check_prep(cfg.prep)
+    at_least("class_images.num_class_images", cfg.class_images.num_class_images, 0)
+    check_sampling("class_images", cfg.class_images.num_inference_steps, cfg.class_images.guidance_scale)
+    check_train("dreambooth", cfg.dreambooth)
+    check_train("lora.train", cfg.lora.train)
+    check_train("controlnet.train", cfg.controlnet.train)
+    check_train("model.tiny.pretrain", cfg.model.tiny.pretrain)
+    check_lora(cfg)
+    one_of("convert.single_file_dtype", cfg.convert.single_file_dtype, EXPORT_DTYPES)
+    check_sampling("infer", cfg.infer.num_inference_steps, cfg.infer.guidance_scale)
+    multiple_of_8("infer.height", cfg.infer.height)
+    multiple_of_8("infer.width", cfg.infer.width)
+    at_least("infer.num_images_per_prompt", cfg.infer.num_images_per_prompt, 1)
+    c = cfg.controlnet
+    one_of("controlnet.annotator", c.annotator, ANNOTATORS)
+    at_least("controlnet.conditioning_scale", c.conditioning_scale, 0)
+    between("controlnet.guidance_start", c.guidance_start, 0, 1)
+    between("controlnet.guidance_end", c.guidance_end, 0, 1)
+    _ordered("controlnet.guidance_start", c.guidance_start, "controlnet.guidance_end", c.guidance_end)
+    _ordered("controlnet.low_threshold", c.low_threshold, "controlnet.high_threshold", c.high_threshold)
+
+
 def check_config(cfg: PipelineConfig, source: str = "params.yaml") -> None:
     """Every allowed-value and range check of the pipeline's configuration; the first failure is raised with the
     params file named."""
-    for check in _checks(cfg):
-        try:
-            check()
-        except ConfigError as err:
-            raise ConfigError(f"{source}: {err}") from None
+    try:
+        _check_all(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
