@@ -109,12 +109,14 @@ def test_a_stage_refuses_a_bad_value_before_loading_any_model(tmp_path: Path) ->
 def test_the_name_lists_match_the_libraries() -> None:
     from diffusers.optimization import SchedulerType
 
+    from stages.convert import DTYPES
     from stages.lib.imaging.annotators import ANNOTATORS
     from stages.prep import SAVE_OPTIONS
 
     assert set(checks.LR_SCHEDULERS) == {s.value for s in SchedulerType}
     assert set(checks.ANNOTATORS) == set(ANNOTATORS)
     assert set(checks.IMAGE_FORMATS) == set(SAVE_OPTIONS)
+    assert set(checks.EXPORT_DTYPES) == set(DTYPES)
 
 
 def test_the_committed_params_pass(tmp_path: Path) -> None:
