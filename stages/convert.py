@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from stages.lib.config.loader import to_flat_dict
 from stages.lib.config.schema import PipelineConfig
 from stages.lib.errors import StageError
-from stages.lib.layout import SOURCE_FILE, featured_lora_dir
+from stages.lib.layout import LORA_WEIGHT_NAME, SOURCE_FILE, featured_lora_dir, lora_dir
 from stages.lib.models import export_checks as check
 from stages.lib.models import lora_formats as fmt
 from stages.lib.models.loading import load_pipeline
@@ -41,7 +41,7 @@ CHECKPOINT_SPEC = ("stable-diffusion-v1", "https://github.com/Stability-AI/gener
 def lora_sources(cfg: PipelineConfig, lora_root: Path) -> dict[int, Path]:
     """Each trained rank's diffusers LoRA file (``lora.rank`` must be one of them)."""
     featured_lora_dir(cfg.lora, lora_root)
-    sources = {rank: lora_root / f"r{rank}" / fmt.DIFFUSERS_WEIGHT for rank in cfg.lora.ranks}
+    sources = {rank: lora_dir(lora_root, rank) / LORA_WEIGHT_NAME for rank in cfg.lora.ranks}
     missing = [f"{path} (dvc repro lora@{rank})" for rank, path in sources.items() if not path.is_file()]
     if missing:
         raise StageError(f"LoRA weights missing, train them first: {', '.join(missing)}")

@@ -22,7 +22,7 @@ from stages.lib.config.loader import to_flat_dict
 from stages.lib.config.schema import PipelineConfig
 from stages.lib.errors import StageError
 from stages.lib.imaging.images import save_image
-from stages.lib.layout import LORA_WEIGHT_NAME, featured_lora_dir
+from stages.lib.layout import LORA_WEIGHT_NAME, featured_lora_dir, lora_dir
 from stages.lib.models.loading import load_pipeline, resolve_device
 from stages.lib.runtime.cli import stage_main
 from stages.lib.runtime.outputs import atomic_dir
@@ -70,11 +70,11 @@ def lora_variants(cfg: PipelineConfig, paths: InferPaths) -> list[Variant]:
     missing = [
         f"r{r} (dvc repro lora@{r})"
         for r in ranks
-        if not (paths.lora_root / f"r{r}" / LORA_WEIGHT_NAME).is_file()
+        if not (lora_dir(paths.lora_root, r) / LORA_WEIGHT_NAME).is_file()
     ]
     if missing:
         raise StageError(f"{paths.lora_root}: LoRA weights missing, train them first: {', '.join(missing)}")
-    return [Variant(f"lora_r{r}", paths.dreambooth, paths.lora_root / f"r{r}", r) for r in ranks]
+    return [Variant(f"lora_r{r}", paths.dreambooth, lora_dir(paths.lora_root, r), r) for r in ranks]
 
 
 def plan_variants(cfg: PipelineConfig, paths: InferPaths) -> tuple[list[Variant], dict[str, str]]:

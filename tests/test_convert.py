@@ -21,12 +21,12 @@ from stages.base import file_sha256
 from stages.compose import compose
 from stages.lib.config.schema import PipelineConfig
 from stages.lib.errors import StageError
+from stages.lib.layout import LORA_WEIGHT_NAME
 from stages.lib.models.export_checks import moved_towards, text_encoder_changed, unet_probe
 from stages.lib.models.loading import load_pipeline
 from stages.lib.models.lora_extract import extract_lora, save_extracted, target_linears
 from stages.lib.models.lora_formats import (
     BIN_WEIGHT,
-    DIFFUSERS_WEIGHT,
     kohya_to_diffusers,
     split_diffusers_key,
 )
@@ -107,7 +107,7 @@ def latents_with_lora(pipe: StableDiffusionPipeline, source: Path, **kwargs: str
 
 
 def lora_source(world: TinyWorld, rank: int) -> Path:
-    return world.root / "models" / "lora" / f"r{rank}" / DIFFUSERS_WEIGHT
+    return world.root / "models" / "lora" / f"r{rank}" / LORA_WEIGHT_NAME
 
 
 def tiny_config_dir(pipe: StableDiffusionPipeline, dest: Path) -> Path:

@@ -18,7 +18,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from torch import Tensor, nn
 
 from stages.lib.errors import StageError
-from stages.lib.models.lora_formats import DIFFUSERS_WEIGHT
+from stages.lib.layout import LORA_WEIGHT_NAME
 
 
 @dataclass
@@ -93,6 +93,6 @@ def extract_lora(
 def save_extracted(extraction: Extraction, folder: Path) -> Path:
     """Write the extraction in diffusers' LoRA format: ``folder/pytorch_lora_weights.safetensors``."""
     StableDiffusionPipeline.save_lora_weights(
-        folder, unet_lora_layers=extraction.layers, weight_name=DIFFUSERS_WEIGHT
+        folder, unet_lora_layers=extraction.layers, weight_name=LORA_WEIGHT_NAME
     )
-    return folder / DIFFUSERS_WEIGHT
+    return folder / LORA_WEIGHT_NAME

@@ -23,7 +23,6 @@ from torch import Tensor
 from stages.lib.config.schema import DataConfig, TrainConfig
 from stages.lib.errors import StageError
 
-DIFFUSERS_WEIGHT = "pytorch_lora_weights.safetensors"
 BIN_WEIGHT = "pytorch_lora_weights.bin"
 UNET_KEY_PREFIX = "unet."
 KOHYA_PREFIX = "lora_unet_"
