@@ -15,12 +15,22 @@ def compose(output: Path, overrides: list[str], root: Path = Path(".")) -> Path:
     return output
 
 
+def one_line(err: BaseException) -> str:
+    """A composition error's message on one line, without OmegaConf's wrapper prefix (the project's ConfigError
+    already names the key and what to do)."""
+    text = " ".join(line.strip() for line in str(err).strip().splitlines()) or type(err).__name__
+    return text.split("raised while resolving interpolation: ", 1)[-1]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. lora.rank=8 profile=seed_hw4")
     parser.add_argument("--out", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
-    compose(args.out, args.overrides)
+    try:
+        compose(args.out, args.overrides)
+    except Exception as err:  # Hydra/OmegaConf wrap the project's ConfigError; one line names key and fix
+        raise SystemExit(f"error: {one_line(err)}") from None
     print(f"wrote {args.out}")
     return 0
 

@@ -280,3 +280,33 @@ def test_a_plain_repro_fails_in_dvc_as_the_readme_says(dvc_repo: Path, case: str
     assert snapshot(dvc_repo / "data/prepared") == {"list.txt": "a.jpg\n"}
     readme = " ".join((PROJECT_ROOT / "README.md").read_text().split())
     assert f"`{error}'<path>'`" in readme and "`dvc checkout prep` restores them" in readme
+
+
+@pytest.mark.parametrize(
+    ("override", "wanted"),
+    [
+        ("data.instance_dir={missing}", "data.instance_dir='{missing}': no such folder"),
+        ("lora.rnak=3", "Could not override 'lora.rnak'. To append to your config use +lora.rnak=3"),
+        ("infer.guidance_scale=-3", "infer.guidance_scale=-3.0 must be >= 0"),
+    ],
+)
+def test_make_params_stops_with_one_line(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    override: str,
+    wanted: str,
+) -> None:
+    """`make params` (python -m stages.compose): the same checks, one line instead of a traceback."""
+    from stages.compose import main
+
+    missing = tmp_path / "missing"
+    out = tmp_path / "params.yaml"
+    out.write_text("previous: content\n")
+    monkeypatch.chdir(PROJECT_ROOT)
+    with pytest.raises(SystemExit) as info:
+        main(["--out", str(out), override.format(missing=missing)])
+    message = str(info.value.code)
+    assert message.startswith("error: ") and wanted.format(missing=missing) in message
+    assert "\n" not in message and "Traceback" not in message
+    assert out.read_text() == "previous: content\n"
