@@ -43,9 +43,10 @@ format: setup
 params: setup
 	python -m stages.compose
 
-# Without MLflow 3's job runner (GenAI scorers; 8 more processes the pipeline never uses).
+# MLflow's server with the project's app (stages/lib/tracking/mlflow_ui.py: the model-training view and the
+# headline metric columns by default), without MLflow 3's job runner (GenAI scorers; 8 more processes).
 ui: setup
-	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --app-name sd-personalise --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
 # `dvc exp show` narrowed to the params that vary and the headline metrics (readable in 200 columns).
 exps: setup

@@ -6,13 +6,7 @@ build)."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import socket
-import subprocess
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,9 +19,10 @@ from stages.infer import Variant
 from stages.lib.config.loader import load_config
 from stages.lib.miniature.attribute_reader import load_reader
 
+from . import browser
 from .browser import chromium
 from .conftest import PROJECT_ROOT
-from .e2e_repo import PRETRAIN_STEPS, VENV_BIN, repro_log, sh
+from .e2e_repo import PRETRAIN_STEPS, repro_log, sh
 
 pytestmark = pytest.mark.slow
 STAGE_RUNS = {
@@ -204,45 +199,17 @@ def test_mistyped_override_fails_before_anything_runs(repo: Path) -> None:
 SCREENSHOTS = PROJECT_ROOT / ".test-artifacts"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_ui(repo: Path) -> Iterator[str]:
-    port = _free_port()
-    # one server worker (the default is 4) and no job runner (MLflow 3 starts 8 more processes for its GenAI
-    # jobs, each importing MLflow): the suite's two cores are busy
-    cmd = [str(VENV_BIN / "mlflow"), "ui", "--backend-store-uri", f"sqlite:///{repo / 'mlflow.db'}",
-           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen(
-        cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                time.sleep(1)
-        else:
-            raise AssertionError("mlflow ui did not answer /health within 120 s")
+    with browser.mlflow_ui(f"sqlite:///{repo / 'mlflow.db'}", repo) as url:
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # a read-only server: nothing to shut down cleanly
-        proc.wait(timeout=30)
 
 
 def test_mlflow_ui_shows_stage_runs_a_metric_and_an_image(repo: Path, mlflow_ui: str, tmp_path: Path) -> None:
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     experiment_id = client.get_experiment_by_name("sd-personalise").experiment_id
-    # the model-training view (the experiment's kind), one row per dvc invocation, its stage runs as children
-    runs_url = f"{mlflow_ui}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    # the model-training view (make ui's default), one row per dvc invocation, its stage runs as children
+    runs_url = f"{mlflow_ui}/#/experiments/{experiment_id}/runs"
     runs_dom = chromium(tmp_path / "p1", "--dump-dom", runs_url)
     assert "Model registry" in runs_dom and "dvc repro dreambooth" in runs_dom, runs_dom[-2000:]
     for stage in ("prep", "dreambooth", "lora_r4"):

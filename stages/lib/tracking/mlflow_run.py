@@ -20,7 +20,8 @@ from stages.lib.config.schema import TrackingConfig
 log = logging.getLogger(__name__)
 METRIC_BATCH = 1000  # MLflow's limit of metrics in one log_batch call
 MetricRow = tuple[str, float, int, int]  # key, value, timestamp (ms), step
-# the experiment opens in MLflow's model-training view (runs, metrics, artifacts), not its GenAI view (traces)
+# the experiment's type in MLflow (model training, not GenAI); MLflow 3.17's UI picks its view from the browser's
+# settings instead, which `make ui` fills in for the experiments with this tag (stages/lib/tracking/mlflow_ui.py)
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 PIPELINE_TAG = "pipeline_run"  # the same on every stage run of one `dvc repro` / `dvc exp run`
 PARENT_TAG = "pipeline_parent"
