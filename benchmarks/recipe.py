@@ -62,6 +62,8 @@ from typing import Any
 
 import yaml
 
+from stages.lib.runtime.timings import TIMINGS_ENV, summary_line
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PARAMS = ROOT / "tmp" / "recipe" / "seed_hw4.yaml"
 PROFILE = ["profile=seed_hw4", "tracking.enabled=false"]
@@ -91,6 +93,8 @@ NOTES = [
     "seconds: wall time of the stage's process, as dvc repro starts it (interpreter, imports, loading, work, saving)",
     "stage_timer_seconds: the part the stage times itself (generation, or the training loop with its validations "
     "and checkpoints); outside_timer_seconds: the rest",
+    "phases: the stage process's wall time by phase (stages/lib/runtime/timings.py): startup = interpreter, "
+    "imports and config; load, encode, capture, train, validation, checkpoint, sampling, save; other = the rest",
     "scale multiplies class_images.num_class_images and the training steps with their validation / checkpoint "
     "intervals; sampling steps per image and infer's images are not scaled",
     "infer samples every variant of infer.variants (base, dreambooth, each LoRA rank, lora_extracted when convert "
@@ -123,6 +127,7 @@ class StageResult:
     missing_outputs: list[str] = field(default_factory=list)
     stage_timer_seconds: float | None = None  # the stage's own timed part, where its metrics.json reports one
     outside_timer_seconds: float | None = None  # the rest: interpreter, imports, loading, encoding, saving
+    phases: dict[str, float] = field(default_factory=dict)  # the stage's own breakdown (runtime/timings.py)
 
 
 # ------------------------------------------------------------------------------------------------ params
@@ -335,12 +340,16 @@ def stage_env(work: Path) -> dict[str, str]:
     return env
 
 
-def run_process(argv: list[str], work: Path, log: Path, echo: bool) -> tuple[int, float]:
-    """Run ``argv`` in ``work``, its output into ``log`` (and the console with ``echo``); status and seconds."""
+def run_process(
+    argv: list[str], work: Path, log: Path, echo: bool, timings: Path | None = None
+) -> tuple[int, float]:
+    """Run ``argv`` in ``work``, its output into ``log`` (and the console with ``echo``); status and seconds.
+    ``timings``: where the stage writes its phase breakdown."""
     log.parent.mkdir(parents=True, exist_ok=True)
+    env = stage_env(work) | ({TIMINGS_ENV: str(timings)} if timings is not None else {})
     start = time.perf_counter()
     with log.open("w") as sink:
-        proc = subprocess.Popen(argv, cwd=work, env=stage_env(work), stdout=subprocess.PIPE,
+        proc = subprocess.Popen(argv, cwd=work, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, errors="replace")  # fmt: skip
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -377,8 +386,12 @@ def stage_timer(stage: str, metrics: dict[str, Any]) -> float | None:
 def run_stage(command: StageCommand, work: Path, haar: bool, echo: bool) -> StageResult:
     """Run one stage, then read its metrics and check the outputs dvc.yaml lists."""
     argv = launcher(command, haar)
-    status, seconds = run_process(argv, work, work / "logs" / f"{command.key}.log", echo)
+    timings = work / "logs" / f"{command.key}.timings.json"
+    timings.unlink(missing_ok=True)
+    status, seconds = run_process(argv, work, work / "logs" / f"{command.key}.log", echo, timings)
     result = StageResult(command.key, shlex.join(argv), seconds, status)
+    if timings.is_file():
+        result.phases = json.loads(timings.read_text())
     result.metrics = read_metrics(work, command.metrics)
     for out in command.outs + command.metrics:
         if (work / out).exists():
@@ -481,6 +494,8 @@ def print_row(result: StageResult) -> None:
     )
     flag = "" if result.returncode == 0 and not result.missing_outputs else "  FAILED"
     print(f"  {result.key:<15} {result.seconds:8.1f} s{outside}  {extra}{flag}", flush=True)
+    if result.phases:
+        print(f"  {'':<15} {summary_line(result.phases)}", flush=True)
 
 
 def print_failure(result: StageResult, work: Path) -> None:

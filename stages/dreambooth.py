@@ -16,6 +16,7 @@ from stages.lib.runtime.cli import stage_main
 from stages.lib.runtime.distributed import is_main_process
 from stages.lib.runtime.hashing import hash_files
 from stages.lib.runtime.outputs import atomic_dir
+from stages.lib.runtime.timings import phase
 from stages.lib.tracking.tracker import stage_run
 from stages.lib.training.finetune import FinetunePaths, finetune, place_frozen_modules
 
@@ -44,8 +45,9 @@ def run(cfg: PipelineConfig, base_dir: Path, out_dir: Path, paths: FinetunePaths
             compute=cfg.compute,
         )
         if is_main_process():  # the other processes of a multi-process run hold the same weights
-            pipe.to("cpu", torch.float32) if pipe.vae.dtype != torch.float32 else pipe.to("cpu")
-            with atomic_dir(out_dir) as tmp:
+            with phase("save"):
+                pipe.to("cpu", torch.float32) if pipe.vae.dtype != torch.float32 else pipe.to("cpu")
+            with phase("save"), atomic_dir(out_dir) as tmp:
                 pipe.save_pretrained(tmp, safe_serialization=True)
                 if (base_dir / SOURCE_FILE).is_file():
                     shutil.copy(base_dir / SOURCE_FILE, tmp / SOURCE_FILE)

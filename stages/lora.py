@@ -23,6 +23,7 @@ from stages.lib.runtime.distributed import is_main_process
 from stages.lib.runtime.hashing import hash_files
 from stages.lib.runtime.outputs import atomic_dir
 from stages.lib.runtime.seeding import seeded
+from stages.lib.runtime.timings import phase
 from stages.lib.tracking.tracker import stage_run
 from stages.lib.training.finetune import FinetunePaths, finetune, place_frozen_modules
 
@@ -71,7 +72,7 @@ def run(
         )
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
         if is_main_process():
-            with atomic_dir(out_dir) as tmp:
+            with phase("save"), atomic_dir(out_dir) as tmp:
                 StableDiffusionPipeline.save_lora_weights(
                     tmp,
                     unet_lora_layers=layers,

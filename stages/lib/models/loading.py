@@ -14,6 +14,7 @@ from stages.lib.config.schema import ComputeConfig
 from stages.lib.errors import ModelLoadError
 from stages.lib.models.pickles import check_pipeline_weights
 from stages.lib.models.tokenizer import VOCAB_SIZE
+from stages.lib.runtime.timings import phase
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +63,10 @@ def load_pipeline(folder: str | Path, torch_dtype: torch.dtype | None = None) ->
         raise ModelLoadError(f"{folder}: not a diffusers pipeline folder (model_index.json missing)")
     if torch_dtype in (torch.float16, torch.bfloat16) and is_tiny_default(folder):
         torch_dtype = None
-    check_pipeline_weights(folder)  # a pickle that could run code: refused in one line, before diffusers
-    pipe = StableDiffusionPipeline.from_pretrained(
-        folder, torch_dtype=torch_dtype, local_files_only=True, **PIPELINE_KWARGS
-    )
-    check_tokenizer(pipe, str(folder))
+    with phase("load"):
+        check_pipeline_weights(folder)  # a pickle that could run code: refused in one line, before diffusers
+        pipe = StableDiffusionPipeline.from_pretrained(
+            folder, torch_dtype=torch_dtype, local_files_only=True, **PIPELINE_KWARGS
+        )
+        check_tokenizer(pipe, str(folder))
     return pipe

@@ -15,6 +15,7 @@ from stages.lib.config.schema import ComputeConfig, PipelineConfig
 from stages.lib.errors import ConfigError, StageError
 from stages.lib.runtime.distributed import relaunch
 from stages.lib.runtime.quiet import install_for_stage
+from stages.lib.runtime.timings import CLOCK, phase, summary_line, write_report
 from stages.lib.tracking.sidecar import discard_prestarted
 
 
@@ -67,6 +68,14 @@ def report_failure(message: str) -> int:
     return 2
 
 
+def report_timings() -> dict[str, float]:
+    """Log where this process's wall time went (one line) and write it where ``SDPIPE_TIMINGS`` says."""
+    report = CLOCK.report()
+    logging.getLogger("stages").info("wall time %s", summary_line(report))
+    write_report(report)
+    return report
+
+
 def stage_main(
     description: str,
     add_arguments: Callable[[argparse.ArgumentParser], None],
@@ -88,13 +97,15 @@ def stage_main(
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     install_for_stage()
     try:
-        cfg = load_config(args.params)
+        with phase("config"):
+            cfg = load_config(args.params)
         configure_threads(cfg.compute)
         if launch_module is not None:
             status = relaunch(cfg.compute, launch_module, list(sys.argv[1:] if argv is None else argv))
             if status is not None:
                 return status
         run(cfg, args)
+        report_timings()
     except (ConfigError, StageError) as err:
         return report_failure(str(err))
     except OSError as err:

@@ -16,6 +16,7 @@ from stages.lib.config.schema import ComputeConfig, DataConfig, TrainConfig
 from stages.lib.imaging.images import make_grid, save_image, view_cell
 from stages.lib.models.loading import allows_half_precision
 from stages.lib.runtime.hashing import fingerprint, hash_files
+from stages.lib.runtime.timings import phase
 from stages.lib.tracking.tracker import StageTracker
 from stages.lib.training.checkpoints import CheckpointStore
 from stages.lib.training.data import (
@@ -73,19 +74,20 @@ def encode_prompt(pipe: StableDiffusionPipeline, prompt: str | list[str]) -> tor
 
 def place_frozen_modules(pipe: StableDiffusionPipeline, cfg: TrainConfig, device: torch.device) -> None:
     """VAE and text encoder frozen on the device (half precision under CUDA mixed precision); UNet in fp32."""
-    half = (
-        {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
-        if device.type == "cuda" and allows_half_precision(pipe)
-        else None
-    )
-    pipe.text_encoder.to(device)  # trained in fp32 when train_text_encoder, else frozen below
-    for module in [pipe.vae] if cfg.train_text_encoder else [pipe.vae, pipe.text_encoder]:
-        module.requires_grad_(False).eval().to(device)
-        if half is not None:
-            module.to(dtype=half)
-    pipe.unet.to(device)
-    if cfg.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
+    with phase("load"):
+        half = (
+            {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+            if device.type == "cuda" and allows_half_precision(pipe)
+            else None
+        )
+        pipe.text_encoder.to(device)  # trained in fp32 when train_text_encoder, else frozen below
+        for module in [pipe.vae] if cfg.train_text_encoder else [pipe.vae, pipe.text_encoder]:
+            module.requires_grad_(False).eval().to(device)
+            if half is not None:
+                module.to(dtype=half)
+        pipe.unet.to(device)
+        if cfg.gradient_checkpointing:
+            pipe.unet.enable_gradient_checkpointing()
 
 
 def half_frozen_layers(module: torch.nn.Module, dtype: torch.dtype) -> int:
@@ -250,7 +252,8 @@ def finetune(
     accelerator = accelerator_for(cfg, device)
     compute = compute or ComputeConfig()
     apply_training_levers(denoiser if denoiser is not None else pipe.unet, cfg, compute, device)
-    data = build_training_data(pipe, cfg, data_cfg, paths, conditioning)
+    with phase("encode"):
+        data = build_training_data(pipe, cfg, data_cfg, paths, conditioning)
     inputs = [paths.prepared_dir] + ([paths.class_dir] if paths.class_dir else [])
     store = CheckpointStore(
         paths.checkpoint_dir,

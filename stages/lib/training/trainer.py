@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from stages.lib.config.schema import ComputeConfig, TrainConfig
 from stages.lib.errors import StageError
+from stages.lib.runtime.timings import phase
 from stages.lib.tracking.tracker import StageTracker
 from stages.lib.training.checkpoints import CheckpointState, CheckpointStore
 from stages.lib.training.data import LatentCache
@@ -387,7 +388,8 @@ class DiffusionTrainer:
         if self.ema is not None:
             state.tensors.update({f"__ema__.{i}": t for i, t in enumerate(self.ema.shadow_params)})
         if self.acc.is_main_process:
-            written = self.store.save_in_background(state)
+            with phase("checkpoint"):
+                written = self.store.save_in_background(state)
             written.add_done_callback(lambda f: f.exception() or log.info("checkpoint saved: %s", f.result()))
         self.acc.wait_for_everyone()
 
@@ -415,11 +417,12 @@ class DiffusionTrainer:
 
     # -- the loop -------------------------------------------------------------------------------------------
     def _validate(self, step: int) -> None:
-        record = {"step": step, **self.probes()}
-        self.validation.append(record)
-        self.tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, step=step)
-        if self.validate_images is not None:
-            self.validate_images(step)
+        with phase("validation"):
+            record = {"step": step, **self.probes()}
+            self.validation.append(record)
+            self.tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, step=step)
+            if self.validate_images is not None:
+                self.validate_images(step)
 
     def run(self) -> TrainResult:
         """Train to ``max_train_steps`` (resuming if a checkpoint of this config exists)."""
@@ -435,14 +438,16 @@ class DiffusionTrainer:
             range(start, total), initial=start, total=total, desc="train", unit="step",
             disable=not self.acc.is_main_process,
         )  # fmt: skip
-        for a, b in segments(start, total, self.cfg.validation_steps, self.cfg.checkpointing_steps):
-            self.train_steps(a, b, bar)
-            if b % self.cfg.validation_steps == 0 or b == total:
-                self._validate(b)
-            if b % self.cfg.checkpointing_steps == 0 or b == total:
-                self._save(b)
+        with phase("train"):
+            for a, b in segments(start, total, self.cfg.validation_steps, self.cfg.checkpointing_steps):
+                self.train_steps(a, b, bar)
+                if b % self.cfg.validation_steps == 0 or b == total:
+                    self._validate(b)
+                if b % self.cfg.checkpointing_steps == 0 or b == total:
+                    self._save(b)
         bar.close()
-        self.store.wait()  # the last checkpoint is on disk before the stage writes its outputs
+        with phase("save"):
+            self.store.wait()  # the last checkpoint is on disk before the stage writes its outputs
         elapsed = time.perf_counter() - t0
         if self.ema is not None:
             self.ema.copy_to(list(self.params.values()))
@@ -455,9 +460,12 @@ class DiffusionTrainer:
             for step in range(start, stop):
                 self._log_step(step + 1, self.train_step(step), bar)
             return
-        if self.graphed is None and not self._capture(start):
-            self.train_steps(start, stop, bar)  # eager from here on
-            return
+        if self.graphed is None:
+            with phase("capture"):
+                captured = self._capture(start)
+            if not captured:
+                self.train_steps(start, stop, bar)  # eager from here on
+                return
         for step in range(start, stop):
             self.graphed.step(step)
             self.lr_scheduler.step()
