@@ -510,6 +510,44 @@ def print_failure(result: StageResult, work: Path) -> None:
 # -------------------------------------------------------------------------------------------------- main
 
 
+PHASE_COLUMNS = (
+    "startup",
+    "load",
+    "encode",
+    "capture",
+    "train",
+    "validation",
+    "checkpoint",
+    "sampling",
+    "save",
+)
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """docs/gpu-speed.md's table of a recipe JSON: each stage's wall time and its phases, in seconds."""
+    lines = [
+        f"{report['device']}, torch {report['versions'].get('torch')}, diffusers "
+        f"{report['versions'].get('diffusers')}; `{report['profile']}` at scale {report['scale']:g}, "
+        f"{report['model']}; seconds:",
+        "",
+        "| stage | wall | " + " | ".join(PHASE_COLUMNS) + " | other |",
+        "|---|---:|" + "---:|" * (len(PHASE_COLUMNS) + 1),
+    ]
+    totals = dict.fromkeys((*PHASE_COLUMNS, "other"), 0.0)
+    for stage in report["stages"].values():
+        phases = stage.get("phases", {})
+        other = phases.get("total", stage["seconds"]) - sum(phases.get(k, 0.0) for k in PHASE_COLUMNS)
+        other += stage["seconds"] - phases.get("total", stage["seconds"])  # outside the stage's own clock
+        values = [phases.get(k, 0.0) for k in PHASE_COLUMNS] + [other]
+        for key, value in zip((*PHASE_COLUMNS, "other"), values, strict=True):
+            totals[key] += value
+        cells = " | ".join(f"{v:.1f}" if v >= 0.05 else "" for v in values)
+        lines.append(f"| {stage['key']} | {stage['seconds']:.1f} | {cells} |")
+    cells = " | ".join(f"**{totals[k]:.1f}**" for k in (*PHASE_COLUMNS, "other"))
+    lines.append(f"| **all** | **{report['total_seconds']:.1f}** | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
 @contextmanager
 def workspace(path: Path | None) -> Iterator[Path]:
     """``--work`` (kept; an earlier workspace of this benchmark is emptied first) or a temporary folder (removed)."""
@@ -534,6 +572,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS,
                         help="composed seed_hw4 params (composed afresh where DVC is installed)")  # fmt: skip
     parser.add_argument("--compose-only", action="store_true", help="compose --params and stop")
+    parser.add_argument(
+        "--table", type=Path, metavar="JSON", help="print the Markdown table of a result JSON"
+    )
     parser.add_argument("--scale", type=float, default=1.0, help="class-image count and training steps x F")
     parser.add_argument(
         "--tiny", action="store_true", help="smoke run: tiny random model, 64 px, 2 sampling steps"
@@ -629,6 +670,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == [WITHOUT_HAAR]:
         return stage_without_haar(argv[1:])
+    if argv[:1] == ["--table"] and len(argv) == 2:
+        print(markdown_table(json.loads(Path(argv[1]).read_text())), end="")
+        return 0
     args = parse_args(argv)
     base = prepare_params(args)
     if args.compose_only:

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from benchmarks import multi_gpu, speed, train_step
+from benchmarks import multi_gpu, recipe, speed, train_step
 
 from .conftest import PROJECT_ROOT
 
@@ -19,6 +19,7 @@ TABLES = [  # (renderer, result JSON, docs page that shows it)
     (multi_gpu.render_table, "benchmarks/results_h200_multi_gpu_n1.json", "docs/gpu.md"),
     (speed.markdown_table, "benchmarks/results/speed_h100.json", "README.md"),
     (speed.markdown_table, "benchmarks/results/speed_h100.json", "docs/gpu-speed.md"),
+    (recipe.markdown_table, "benchmarks/results/recipe_h100_s01.json", "docs/gpu-speed.md"),
 ]
 
 
