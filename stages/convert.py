@@ -29,6 +29,7 @@ from stages.lib.models.single_file import load_single_file, save_single_file
 from stages.lib.runtime.cli import stage_main
 from stages.lib.runtime.hashing import file_sha256
 from stages.lib.runtime.outputs import atomic_dir
+from stages.lib.runtime.timings import phase
 from stages.lib.tracking.tracker import git_commit, stage_run
 
 log = logging.getLogger(__name__)
@@ -190,17 +191,21 @@ def run(
             ex = Exporter(cfg, load_pipeline(dreambooth_dir), dreambooth_dir, base)
             metrics: dict[str, float] = {}
             if conv.single_file:
-                metrics |= ex.single_file(
-                    tmp / SINGLE_FILE, f"{cfg.data.instance_token} DreamBooth", "single_file"
-                )
+                with phase("single_file"):
+                    metrics |= ex.single_file(
+                        tmp / SINGLE_FILE, f"{cfg.data.instance_token} DreamBooth", "single_file"
+                    )
             if conv.bin or conv.kohya:
-                for rank, source in sources.items():
-                    metrics |= ex.lora(rank, source, tmp / "lora" / f"r{rank}")
+                with phase("lora_exports"):
+                    for rank, source in sources.items():
+                        metrics |= ex.lora(rank, source, tmp / "lora" / f"r{rank}")
             (tmp / "lora_extracted").mkdir()  # always there: infer depends on it (empty when extract_rank=0)
             if conv.extract_rank:
-                metrics |= ex.extracted(base_dir, tmp / "lora_extracted" / f"r{conv.extract_rank}")
+                with phase("extract"):
+                    metrics |= ex.extracted(base_dir, tmp / "lora_extracted" / f"r{conv.extract_rank}")
             if conv.merged:  # last: fusing modifies the DreamBooth pipeline
-                metrics |= ex.merged(sources[cfg.lora.rank], tmp / f"merged_r{cfg.lora.rank}.safetensors")
+                with phase("merged"):
+                    metrics |= ex.merged(sources[cfg.lora.rank], tmp / f"merged_r{cfg.lora.rank}.safetensors")
         tracker.set_final_metrics(metrics)
     return metrics
 
