@@ -1,7 +1,8 @@
 """Stage `controlnet`: the personalised subject under spatial control, and how well the control is followed.
 
 For each control image (``controlnet.control_images``, or the first ``num_control_images`` prepared photos) the
-annotator makes a conditioning map; the DreamBooth model and the DreamBooth model + the featured LoRA generate
+annotator makes a conditioning map, moved by ``controlnet.map_transform`` (zoomed out, shifted, mirrored: a
+layout other than the photos'); the DreamBooth model and the DreamBooth model + the featured LoRA generate
 the ``controlnet.prompt`` guided by the ControlNet (``models/controlnet``), and the plain DreamBooth pipeline
 generates it without ControlNet from the same seed. Sampling settings (size, steps, guidance, negative prompt,
 seed) are infer's. Metric: F1 of the generated image's edges (same annotator) against the control map, with a
@@ -25,6 +26,7 @@ from stages.lib.config.schema import ControlNetConfig, PipelineConfig
 from stages.lib.errors import StageError
 from stages.lib.imaging.annotators import canny_edges, get_annotator
 from stages.lib.imaging.images import list_images, make_grid, save_image, to_rgb
+from stages.lib.imaging.map_transform import Transform, transform_map_image
 from stages.lib.layout import LORA_WEIGHT_NAME, featured_lora_dir
 from stages.lib.metrics.edge_metrics import EdgeScore, edge_score, tolerance_pixels
 from stages.lib.models.controlnet_model import ControlNetLoadError, check_compatible, control_pipeline
@@ -167,7 +169,8 @@ def run(cfg: PipelineConfig, paths: ControlPaths) -> dict[str, float]:
     with stage_run("controlnet", cfg.tracking, params, paths.reports) as tracker:
         annotator = get_annotator(s.annotator, s.low_threshold, s.high_threshold)
         sources = control_sources(s, paths.prepared, i.width, i.height)
-        controls = [annotator(im) for _, im in sources]
+        move = Transform(**asdict(s.map_transform))
+        controls = [transform_map_image(annotator(im), move) for _, im in sources]
         images = generate(cfg, s, paths, controls)
         scores = {v: score(controls, images[v], s) for v in VARIANTS}
         labels = ["control map", "DreamBooth", f"+ LoRA r{cfg.lora.rank}", "no ControlNet"]

@@ -3,17 +3,20 @@
 With ``controlnet.model_path`` set it imports a pretrained SD1.5 ControlNet (diffusers folder, single file or a
 cached hub id; never the network), checks that it fits the model's UNet and saves it. Otherwise it trains one with
 the shared training loop: initialised from the model's UNet (diffusers' ``ControlNetModel.from_unet``), that UNet
-frozen, on (conditioning map, image) pairs of the instance photos (instance prompt) and, with prior preservation,
-the class images (class prompt). dvc.yaml passes the base model, as public SD1.5 ControlNets are trained on SD1.5
-and then steer its fine-tunes: one trained on the DreamBooth UNet itself stops steering once that UNet has learnt
-the photos (the tiny profile's DreamBooth: edge F1 gain -0.01, against +0.04 for one trained on the base; README),
-and the ControlNet need not retrain when DreamBooth does. ``--model models/dreambooth`` trains on the fine-tune.
+frozen, on (conditioning map, image) pairs of the instance photos (instance prompt), with
+``controlnet.augment.copies`` randomly moved copies of each pair (map and photo moved alike), and, with prior
+preservation, the class images (class prompt). dvc.yaml passes the base model, as public SD1.5 ControlNets are
+trained on SD1.5 and then steer its fine-tunes: one trained on the DreamBooth UNet itself stops steering once that
+UNet has learnt the photos (the tiny profile's DreamBooth: edge F1 gain -0.01, against +0.04 for one trained on
+the base; README), and the ControlNet need not retrain when DreamBooth does. ``--model models/dreambooth`` trains
+on the fine-tune.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -24,6 +27,7 @@ from stages.lib.config.schema import ControlNetConfig, PipelineConfig
 from stages.lib.errors import StageError
 from stages.lib.imaging.annotators import annotate_pixels, get_annotator
 from stages.lib.imaging.images import make_grid, view_cell
+from stages.lib.imaging.map_transform import random_transform, transform_box, transform_pairs
 from stages.lib.models.controlnet_model import (
     ControlledUNet,
     check_compatible,
@@ -37,9 +41,10 @@ from stages.lib.runtime.distributed import is_main_process
 from stages.lib.runtime.hashing import hash_files
 from stages.lib.runtime.outputs import atomic_dir
 from stages.lib.tracking.tracker import StageTracker, stage_run
-from stages.lib.training.data import load_instance_set
+from stages.lib.training.data import ImageSet, load_instance_set
 from stages.lib.training.finetune import (
     FinetunePaths,
+    PairAugment,
     finetune,
     place_frozen_modules,
     sample_validation,
@@ -47,7 +52,12 @@ from stages.lib.training.finetune import (
 )
 
 LIB = Path(__file__).parent / "lib"
-CODE_FILES = [Path(__file__), LIB / "models" / "controlnet_model.py", LIB / "imaging" / "annotators.py"]
+CODE_FILES = [
+    Path(__file__),
+    LIB / "models" / "controlnet_model.py",
+    LIB / "imaging" / "annotators.py",
+    LIB / "imaging" / "map_transform.py",
+]
 
 
 def tracked_params(s: ControlNetConfig) -> dict[str, object]:
@@ -97,6 +107,32 @@ def conditioning(s: ControlNetConfig) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda pixels: annotate_pixels(pixels, annotator)
 
 
+def augmentation(s: ControlNetConfig, seed: int) -> PairAugment | None:
+    """``controlnet.augment``: the photos and their maps, then ``copies`` rounds of each pair moved by a random
+    transform (seeded by ``seed``), map and photo alike; None when there are no copies."""
+    a = s.augment
+    if a.copies <= 0:
+        return None
+
+    def augment(images: ImageSet, maps: torch.Tensor) -> tuple[ImageSet, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        n, (h, w) = len(images), images.pixels.shape[-2:]
+        moves = [random_transform(g, a.mirror, a.min_scale, a.max_shift) for _ in range(a.copies * n)]
+        pixels, moved = transform_pairs(
+            images.pixels.repeat(a.copies, 1, 1, 1), maps.repeat(a.copies, 1, 1, 1), moves
+        )
+        boxes = [transform_box(images.face_boxes[k % n], t, h, w) for k, t in enumerate(moves)]
+        copies = ImageSet(
+            torch.cat([images.pixels, pixels]),
+            images.names + [f"{images.names[k % n]}#{k // n + 1}" for k in range(len(moves))],
+            images.face_boxes + boxes,
+            images.captions * (a.copies + 1),
+        )
+        return copies, torch.cat([maps, moved])
+
+    return augment
+
+
 def train_controlnet(
     cfg: PipelineConfig, s: ControlNetConfig, model_dir: Path, out_dir: Path, paths: FinetunePaths, tracker
 ) -> dict[str, float]:
@@ -115,6 +151,7 @@ def train_controlnet(
     identity = {
         "model": hash_files([model_dir / "unet", model_dir / "vae", model_dir / "text_encoder"]),
         "annotator": [s.annotator, s.low_threshold, s.high_threshold],
+        "augment": asdict(s.augment),
         "prompt": s.prompt,
         "code": hash_files(CODE_FILES),
     }
@@ -129,6 +166,7 @@ def train_controlnet(
         identity,
         denoiser=ControlledUNet(controlnet, pipe.unet),
         conditioning=conditioning(s),
+        augment=augmentation(s, train.seed),
         validate_images=validation_hook(pipe, controlnet, s, paths, tracker),
         compute=cfg.compute,
     )

@@ -32,10 +32,10 @@ VENV_BIN = Path(sys.executable).parent
 # preservation's and the ControlNet's to show (on this weak base 2400 steps bind the subject no better: subject rate
 # 0.04 against 0.01). Measured at the suite's one torch thread (every stage is bit-reproducible at a given thread
 # count, not across counts): this build passes with subject match 0.57-0.62 against the base's 0.37,
-# prior preservation's class diversity 0.64 against 0.44 and ControlNet edge F1 gains +0.083 / +0.077; pretraining
+# prior preservation's class diversity 0.64 against 0.44 and ControlNet edge F1 gains +0.30 / +0.31; pretraining
 # 150 steps leaves the subject unbound (match 0.40-0.42 against 0.32); 600 DreamBooth steps (with a 500-step
 # ControlNet) leave no drift to measure without prior preservation (class subject match 0.36 against 0.34) and an
-# edge F1 gain of +0.032 only.
+# edge F1 gain of +0.032 only (with the photos' own maps at conditioning scale 1).
 PROFILE_EDITS = (  # (profile text, replacement): each must occur exactly once in conf/profile/tiny.yaml
     ("  max_train_steps: 2400\n  use_ema: true\n", "  max_train_steps: 800\n  use_ema: false\n"),
 )

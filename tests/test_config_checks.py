@@ -37,6 +37,12 @@ BAD = [
         r"controlnet\.guidance_start=0\.0 must be below controlnet\.guidance_end=0\.0",
     ),
     ("prep.on_bad_input=ignore", r"prep\.on_bad_input='ignore'.*skip, fail"),
+    ("controlnet.map_transform.scale=1.5", r"controlnet\.map_transform\.scale=1\.5 must be in \(0, 1\]"),
+    (
+        "controlnet.map_transform.shift_y=-0.6",
+        r"controlnet\.map_transform\.shift_y=-0\.6 must be in \[-0\.5, 0\.5\]",
+    ),
+    ("controlnet.augment.min_scale=0", r"controlnet\.augment\.min_scale=0\.0 must be in \(0, 1\]"),
 ]
 
 

@@ -169,6 +169,24 @@ def _check_all(cfg: PipelineConfig) -> None:
     between("controlnet.guidance_end", c.guidance_end, 0, 1)
     _ordered("controlnet.guidance_start", c.guidance_start, "controlnet.guidance_end", c.guidance_end)
     _ordered("controlnet.low_threshold", c.low_threshold, "controlnet.high_threshold", c.high_threshold)
+    check_map_transform(cfg)
+
+
+def _scale(key: str, value: float) -> None:
+    """A zoom factor: in (0, 1] (zooming in would crop the map or photo)."""
+    if not 0 < value <= 1:
+        raise ConfigError(f"{key}={value!r} must be in (0, 1]: 1 keeps the size, below 1 zooms out")
+
+
+def check_map_transform(cfg: PipelineConfig) -> None:
+    """``controlnet.map_transform`` and ``controlnet.augment``: zoom out only, shifts keeping the centre inside."""
+    t, a = cfg.controlnet.map_transform, cfg.controlnet.augment
+    _scale("controlnet.map_transform.scale", t.scale)
+    between("controlnet.map_transform.shift_x", t.shift_x, -0.5, 0.5)
+    between("controlnet.map_transform.shift_y", t.shift_y, -0.5, 0.5)
+    at_least("controlnet.augment.copies", a.copies, 0, "0 trains on the pairs as they are")
+    _scale("controlnet.augment.min_scale", a.min_scale)
+    between("controlnet.augment.max_shift", a.max_shift, 0, 0.5)
 
 
 def check_config(cfg: PipelineConfig, source: str = "params.yaml") -> None:

@@ -269,6 +269,28 @@ class CompareConfig:
 
 
 @dataclass
+class MapTransformConfig:
+    """A geometric transform of the control maps before generation (stages/lib/imaging/map_transform.py): a
+    layout that differs from the photos' (the defaults leave the maps as drawn)."""
+
+    mirror: bool = False  # left-right about the centre
+    scale: float = 1.0  # in (0, 1]: below 1 zooms out about the centre
+    shift_x: float = 0.0  # a fraction of the width, positive: right
+    shift_y: float = 0.0  # a fraction of the height, positive: down
+
+
+@dataclass
+class PairAugmentConfig:
+    """Training pairs with moved layouts: ``copies`` randomly transformed copies of each (map, photo) pair, the
+    map and the photo moved alike, beside the pair itself (a trained ControlNet only)."""
+
+    copies: int = 0  # 0: the pairs as they are
+    mirror: bool = True  # each copy mirrored with probability 1/2
+    min_scale: float = 1.0  # in (0, 1]: each copy's scale drawn in [min_scale, 1]
+    max_shift: float = 0.0  # in [0, 0.5]: each copy's shifts drawn in [-max_shift, max_shift]
+
+
+@dataclass
 class ControlNetConfig:
     """Canny-guided generation of the personalised subject: a pretrained ControlNet, or one trained here."""
 
@@ -286,6 +308,8 @@ class ControlNetConfig:
     control_images: list[str] = field(default_factory=list)  # empty: the first prepared photos
     num_control_images: int = 4  # how many prepared photos, when control_images is empty
     edge_tolerance: float = 0.0075  # edge F1 match distance, a fraction of the image diagonal (BSDS)
+    map_transform: MapTransformConfig = field(default_factory=MapTransformConfig)
+    augment: PairAugmentConfig = field(default_factory=PairAugmentConfig)
     # Training when model_path is empty: what differs from ``dreambooth`` (the rest is inherited): the ControlNet
     # learning rate (diffusers' train_controlnet.py examples use 1e-5); only the ControlNet trains.
     train: TrainOverrides = field(  # type: ignore[valid-type]

@@ -20,6 +20,7 @@ from stages.lib.runtime.timings import phase
 from stages.lib.tracking.tracker import StageTracker
 from stages.lib.training.checkpoints import CheckpointStore
 from stages.lib.training.data import (
+    ImageSet,
     encode_latents,
     face_weight_maps,
     load_image_folder,
@@ -120,6 +121,8 @@ def apply_training_levers(
 
 
 Conditioning = Callable[[torch.Tensor], torch.Tensor]  # images in [-1, 1] (N, 3, H, W) -> maps (N, C, H, W)
+# (instance images, their maps) -> the (image, map) pairs to train on (ControlNet training: added moved copies)
+PairAugment = Callable[[ImageSet, torch.Tensor], tuple[ImageSet, torch.Tensor]]
 
 
 def build_training_data(
@@ -128,13 +131,21 @@ def build_training_data(
     data_cfg: DataConfig,
     paths: FinetunePaths,
     conditioning: Conditioning | None = None,
+    augment: PairAugment | None = None,
 ) -> TrainingData:
     """Encode instance (+ held-out) and class images once; prompts once; face maps from prep's manifest.
 
-    ``conditioning`` (ControlNet training) also turns every image into its conditioning map, row for row.
+    ``conditioning`` (ControlNet training) also turns every image into its conditioning map, row for row, and
+    ``augment`` then turns the training photos and their maps into the pairs to train on (held-out photos and
+    class images are left as they are).
     """
     device = pipe.unet.device
     instances, holdout = load_instance_set(paths.prepared_dir, cfg.resolution).split(cfg.validation_holdout)
+    instance_cond = None
+    if conditioning is not None:
+        instance_cond = conditioning(instances.pixels)
+        if augment is not None:
+            instances, instance_cond = augment(instances, instance_cond)
     instance_cache = encode_latents(pipe.vae, instances)
     latent_size = instance_cache.mean.shape[-1]
     weights = None
@@ -155,8 +166,9 @@ def build_training_data(
         data.holdout_embeds = encode_prompt(pipe, holdout_prompts).to(device)
         if cfg.train_text_encoder:
             data.holdout_ids = prompt_ids(pipe, holdout_prompts)
+    if instance_cond is not None:
+        data.cond["instance"] = instance_cond.to(device)
     if conditioning is not None:
-        data.cond["instance"] = conditioning(instances.pixels).to(device)
         if holdout is not None:
             data.cond["holdout"] = conditioning(holdout.pixels).to(device)
     if paths.class_dir is not None:  # probed always, trained on only with prior preservation
@@ -239,6 +251,7 @@ def finetune(
     *,
     denoiser: torch.nn.Module | None = None,
     conditioning: Conditioning | None = None,
+    augment: PairAugment | None = None,
     validate_images: Callable[[int], None] | None = None,
     compute: ComputeConfig | None = None,
 ) -> TrainResult:
@@ -246,14 +259,15 @@ def finetune(
 
     ``compute`` carries the speed levers (CUDA graphs, the flat 8-bit optimizer).
     ControlNet training passes ``denoiser`` (a ControlNet steering ``pipe.unet``), ``conditioning`` (image ->
-    conditioning map) and its own ``validate_images`` hook (default: samples of ``pipe``).
+    conditioning map), optionally ``augment`` (the training pairs from the photos and their maps) and its own
+    ``validate_images`` hook (default: samples of ``pipe``).
     """
     device = pipe.unet.device
     accelerator = accelerator_for(cfg, device)
     compute = compute or ComputeConfig()
     apply_training_levers(denoiser if denoiser is not None else pipe.unet, cfg, compute, device)
     with phase("encode"):
-        data = build_training_data(pipe, cfg, data_cfg, paths, conditioning)
+        data = build_training_data(pipe, cfg, data_cfg, paths, conditioning, augment)
     inputs = [paths.prepared_dir] + ([paths.class_dir] if paths.class_dir else [])
     store = CheckpointStore(
         paths.checkpoint_dir,
