@@ -23,7 +23,7 @@ from stages.lib.errors import StageError
 from stages.lib.layout import LORA_WEIGHT_NAME, SOURCE_FILE, featured_lora_dir, lora_dir
 from stages.lib.models import export_checks as check
 from stages.lib.models import lora_formats as fmt
-from stages.lib.models.loading import load_pipeline
+from stages.lib.models.loading import load_pipeline, resolve_device
 from stages.lib.models.lora_extract import extract_lora, save_extracted
 from stages.lib.models.single_file import load_single_file, save_single_file
 from stages.lib.runtime.cli import stage_main
@@ -142,7 +142,7 @@ class Exporter:
         """LoRA of the DreamBooth UNet delta; how far it moves the base model's output to DreamBooth's."""
         base = load_pipeline(base_dir)
         targets, rank = self.cfg.lora.target_modules, self.cfg.convert.extract_rank
-        extraction = extract_lora(base.unet, self.pipe.unet, targets, rank)
+        extraction = extract_lora(base.unet, self.pipe.unet, targets, rank, resolve_device(self.cfg.compute))
         path = save_extracted(extraction, folder)
         target, before = check.unet_probe(self.pipe.unet), check.unet_probe(base.unet)
         with check.lora_loaded(base, folder):

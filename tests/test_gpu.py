@@ -151,3 +151,28 @@ def test_captured_step_refuses_a_non_finite_loss(world: TinyWorld) -> None:
     with pytest.raises(NonFiniteLossError, match="non-finite loss .* at step"):
         dreambooth.run(cfg, world.base_dir, world.root / "nan", world.paths("nan"))
     assert not (world.root / "nan").exists()
+
+
+def test_lora_extraction_on_the_gpu_matches_the_cpu(world) -> None:
+    """convert's SVDs run on the stage's device: the same factors' product and error as on the CPU."""
+    from stages.lib.models.loading import load_pipeline
+    from stages.lib.models.lora_extract import extract_lora
+
+    base = load_pipeline(world.base_dir).unet
+    tuned = copy.deepcopy(base)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 1e-2)
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    on_cpu = extract_lora(base, tuned, targets, rank=4)
+    on_gpu = extract_lora(base, tuned, targets, rank=4, device="cuda")
+    assert on_gpu.layers.keys() == on_cpu.layers.keys()
+    for key in on_cpu.layers:
+        assert on_gpu.layers[key].device.type == "cpu"
+    for name in on_cpu.errors:
+        up, down = f"{name}.lora.up.weight", f"{name}.lora.down.weight"
+        gpu_product = on_gpu.layers[up] @ on_gpu.layers[down]
+        cpu_product = on_cpu.layers[up] @ on_cpu.layers[down]
+        assert torch.allclose(gpu_product, cpu_product, atol=1e-5, rtol=1e-4), name
+    assert abs(on_gpu.relative_error - on_cpu.relative_error) < 1e-5
