@@ -30,7 +30,6 @@ from stages.lib.sampling.inference import (
     Generation,
     InferIndex,
     generate,
-    generate_class_probe,
     prompt_slugs,
     sampling_kwargs,
 )
@@ -118,19 +117,16 @@ def _sample(
 def _sample_prompts(
     pipe: StableDiffusionPipeline, variant: Variant, cfg: PipelineConfig, out_dir: Path
 ) -> Generation:
-    """The prompt list, then ``infer.class_prompt_images`` images of the class prompt (kept in ``class_files``)."""
-    result = generate(
-        pipe, cfg.infer.prompts, **sampling_kwargs(cfg.infer), out_dir=out_dir, variant=variant.name
+    """The prompt list and ``infer.class_prompt_images`` images of the class prompt (in ``class_files``), sampled
+    together: one queue, so the class images fill the prompt list's batches instead of a call of their own."""
+    return generate(
+        pipe,
+        cfg.infer.prompts,
+        **sampling_kwargs(cfg.infer),
+        out_dir=out_dir,
+        variant=variant.name,
+        class_probe=(cfg.data.class_prompt, cfg.infer.class_prompt_images),
     )
-    if cfg.infer.class_prompt_images > 0:
-        result.class_files = generate_class_probe(
-            pipe,
-            cfg.data.class_prompt,
-            cfg.infer.class_prompt_images,
-            out_dir / variant.name,
-            **sampling_kwargs(cfg.infer),
-        )
-    return result
 
 
 def generate_variants(cfg: PipelineConfig, variants: list[Variant], out_dir: Path) -> dict[str, Generation]:

@@ -97,3 +97,32 @@ def test_bad_requests_fail_clearly(pipe) -> None:
         generate(pipe, [PROMPTS[0], PROMPTS[0]], **SETTINGS)
     with pytest.raises(StageError, match="infer.prompts is empty"):
         generate(pipe, [], **SETTINGS)
+
+
+def test_class_probe_images_ride_in_the_prompt_lists_calls(pipe, tmp_path: Path, monkeypatch) -> None:
+    """infer's class-prompt images join the prompt list's queue: one pipeline call for both, the same pixels as a
+    call of their own with the class seeds, files under class_prompt/, and the latents file unchanged."""
+    from stages.lib.sampling import inference
+
+    calls: list[int] = []
+    original = inference.sample
+
+    def counting(p, jobs, **kw):
+        calls.append(len(jobs))
+        return original(p, jobs, **kw)
+
+    monkeypatch.setattr(inference, "sample", counting)
+    gen = generate(pipe, PROMPTS, **SETTINGS, batch_size=8, out_dir=tmp_path, variant="base",
+                   class_probe=("a photo of man face", 3))  # fmt: skip
+    assert calls == [len(PROMPTS) * 2 + 3], "one queue: prompts and class images together"
+    assert gen.class_files == [tmp_path / "base" / "class_prompt" / f"{i:02d}.png" for i in range(3)]
+    alone = generate(pipe, ["a photo of man face"], **{**SETTINGS, "seed": 3 + inference.CLASS_PROBE_SEED,
+                     "num_images_per_prompt": 3}, batch_size=3)  # fmt: skip
+    for path, image in zip(gen.class_files, alone.images["a photo of man face"], strict=True):
+        diff = np.abs(np.asarray(Image.open(path), np.int16) - np.asarray(image, np.int16)).max()
+        assert diff <= 1, (path, diff)
+    assert sorted(load_file(tmp_path / "base" / LATENTS_FILE)) == sorted(
+        f"{s}/{i:02d}" for s in prompt_slugs(PROMPTS) for i in range(2)
+    ), "the class images are not in the prompt list's latents"
+    no_probe = generate(pipe, PROMPTS[:1], **SETTINGS, batch_size=8, class_probe=("a photo of man face", 0))
+    assert no_probe.class_files == []

@@ -12,7 +12,7 @@ import json
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -158,21 +158,26 @@ def generate(
     batch_size: int | str = AUTO,
     out_dir: Path | None = None,
     variant: str = "model",
+    class_probe: tuple[str, int] | None = None,
 ) -> Generation:
     """Generate ``num_images_per_prompt`` images per prompt, ``batch_size`` images per pipeline call (``auto``
     or an int; prompts mixed in a call; the images do not depend on it).
 
     ``scheduler`` names a diffusers scheduler class built from the pipeline's scheduler config ('' keeps it).
     With ``out_dir``, also write ``<out_dir>/<variant>/<slug>/<i:02d>.png`` and the variant's latents file.
+    ``class_probe`` = (class prompt, count): that many class-prompt images too, in the same pipeline calls, into
+    ``<out_dir>/<variant>/class_prompt/`` (seeds after the prompts'; listed in ``class_files``, not in the
+    latents file).
     """
     prompts = list(prompts)
     _check_request(prompts, num_images_per_prompt)
     slugs = prompt_slugs(prompts)
     folder = None if out_dir is None else Path(out_dir) / variant
     jobs = _jobs(prompts, seed, num_images_per_prompt, folder, slugs)
+    probe_jobs = [] if class_probe is None else _class_probe_jobs(*class_probe, seed, folder)
     samples = _sample(
         pipe,
-        jobs,
+        jobs + probe_jobs,
         scheduler,
         batch_size,
         negative_prompt=negative_prompt,
@@ -205,23 +210,20 @@ def generate(
         }
         folder.mkdir(parents=True, exist_ok=True)
         save_file(tensors, folder / LATENTS_FILE)
+    result.class_files = [job.path for job in probe_jobs if job.path is not None]
     return result
 
 
-def generate_class_probe(
-    pipe: StableDiffusionPipeline, class_prompt: str, count: int, variant_dir: Path, **sampling: Any
-) -> list[Path]:
-    """``count`` seeded images of the class prompt into ``<variant_dir>/class_prompt/`` (seeds after the prompts';
-    ``sampling``: :func:`generate`'s settings, ``num_images_per_prompt`` aside)."""
+def _class_probe_jobs(class_prompt: str, count: int, seed: int, folder: Path | None) -> list[Job]:
+    """``count`` images of the class prompt, keyed ``("class", i)``, into ``<folder>/class_prompt/``."""
+    if count <= 0:
+        return []
     _check_request([class_prompt], count)
-    settings = {k: v for k, v in sampling.items() if k not in ("seed", "num_images_per_prompt")}
-    settings.setdefault("scheduler", "")
-    settings.setdefault("batch_size", AUTO)
-    jobs = _jobs(
-        [class_prompt], int(sampling["seed"]) + CLASS_PROBE_SEED, count, variant_dir / CLASS_PROBE_DIR
-    )
-    _sample(pipe, jobs, keep_images=False, desc=f"{variant_dir.name} class prompt", **settings)
-    return [job.path for job in jobs if job.path is not None]
+    probe_folder = None if folder is None else folder / CLASS_PROBE_DIR
+    return [
+        replace(job, key=("class", job.key[1]))
+        for job in _jobs([class_prompt], seed + CLASS_PROBE_SEED, count, probe_folder)
+    ]
 
 
 def _check_request(prompts: list[str], num_images_per_prompt: int) -> None:
