@@ -26,6 +26,7 @@ from stages.lib.layout import LORA_WEIGHT_NAME, featured_lora_dir, lora_dir
 from stages.lib.models.loading import load_pipeline, resolve_device
 from stages.lib.runtime.cli import stage_main
 from stages.lib.runtime.outputs import atomic_dir
+from stages.lib.runtime.timings import phase
 from stages.lib.sampling.inference import (
     Generation,
     InferIndex,
@@ -107,11 +108,13 @@ def _sample(
     """Generate one variant, loading its LoRA under its own adapter name and unloading it afterwards."""
     if variant.lora is None:
         return _sample_prompts(pipe, variant, cfg, out_dir)
-    pipe.load_lora_weights(variant.lora, weight_name=LORA_WEIGHT_NAME, adapter_name=variant.name)
+    with phase("adapters"):
+        pipe.load_lora_weights(variant.lora, weight_name=LORA_WEIGHT_NAME, adapter_name=variant.name)
     try:
         return _sample_prompts(pipe, variant, cfg, out_dir)
     finally:
-        pipe.unload_lora_weights()
+        with phase("adapters"):
+            pipe.unload_lora_weights()
 
 
 def _sample_prompts(
@@ -181,7 +184,8 @@ def run(cfg: PipelineConfig, paths: InferPaths) -> dict[str, float]:
                 class_prompt=cfg.data.class_prompt if probed else "",
             ).write()
         seconds = time.perf_counter() - start
-        log_grids(InferIndex.load(paths.out), paths.reports, tracker)
+        with phase("report"):
+            log_grids(InferIndex.load(paths.out), paths.reports, tracker)
         num_images = sum(len(ims) for gen in results.values() for ims in gen.images.values())
         metrics = {
             "num_variants": float(len(results)),
