@@ -94,7 +94,7 @@ NOTES = [
     "stage_timer_seconds: the part the stage times itself (generation, or the training loop with its validations "
     "and checkpoints); outside_timer_seconds: the rest",
     "phases: the stage process's wall time by phase (stages/lib/runtime/timings.py): startup = interpreter, "
-    "imports and config; load, encode, capture, train, validation, checkpoint, sampling, save; other = the rest",
+    "imports and config; fingerprint, load, encode, capture, train, validation, checkpoint, sampling, save; other = the rest",
     "scale multiplies class_images.num_class_images and the training steps with their validation / checkpoint "
     "intervals; sampling steps per image and infer's images are not scaled",
     "infer samples every variant of infer.variants (base, dreambooth, each LoRA rank, lora_extracted when convert "
@@ -512,6 +512,7 @@ def print_failure(result: StageResult, work: Path) -> None:
 
 PHASE_COLUMNS = (
     "startup",
+    "fingerprint",
     "load",
     "encode",
     "capture",

@@ -10,6 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from stages.lib.runtime.timings import phase
+
 HASH_CHUNK = 1 << 26  # 64 MiB per hashed piece
 HASH_THREADS = min(8, os.cpu_count() or 1)
 
@@ -44,7 +46,10 @@ def hash_files(paths: list[Path]) -> str:
     SHA-256 of each of its 64 MiB chunks, chunks hashed on several threads (a 3.4 GB UNet: one chunk's time per
     thread instead of the whole file's)."""
     digest = hashlib.sha256()
-    with ThreadPoolExecutor(max_workers=HASH_THREADS, thread_name_prefix="hash") as pool:
+    with (
+        phase("fingerprint"),
+        ThreadPoolExecutor(max_workers=HASH_THREADS, thread_name_prefix="hash") as pool,
+    ):
         for path in sorted(paths):
             files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
             for file in files:
