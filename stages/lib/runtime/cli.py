@@ -69,10 +69,12 @@ def report_failure(message: str) -> int:
 
 
 def report_timings() -> dict[str, float]:
-    """Log where this process's wall time went (one line) and write it where ``SDPIPE_TIMINGS`` says."""
+    """Log where this process's wall time went (one line) and, from the main process of a launched stage, write
+    it where ``SDPIPE_TIMINGS`` says."""
     report = CLOCK.report()
     logging.getLogger("stages").info("wall time %s", summary_line(report))
-    write_report(report)
+    if os.environ.get("RANK", "0") == "0":
+        write_report(report)
     return report
 
 
