@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from diffusers import StableDiffusionPipeline
 
 from stages.lib.config.loader import to_flat_dict
 from stages.lib.config.schema import PipelineConfig
@@ -46,13 +47,26 @@ def run(cfg: PipelineConfig, base_dir: Path, out_dir: Path, paths: FinetunePaths
         )
         if is_main_process():  # the other processes of a multi-process run hold the same weights
             with phase("save"):
-                pipe.to("cpu", torch.float32) if pipe.vae.dtype != torch.float32 else pipe.to("cpu")
-            with phase("save"), atomic_dir(out_dir) as tmp:
-                pipe.save_pretrained(tmp, safe_serialization=True)
-                if (base_dir / SOURCE_FILE).is_file():
-                    shutil.copy(base_dir / SOURCE_FILE, tmp / SOURCE_FILE)
+                save_finetuned(pipe, base_dir, out_dir, trained_text_encoder=train.train_text_encoder)
         tracker.set_final_metrics(result.metrics)
     return result.metrics
+
+
+def save_finetuned(
+    pipe: StableDiffusionPipeline, base_dir: Path, out_dir: Path, trained_text_encoder: bool
+) -> None:
+    """``out_dir`` (atomically): the trained UNet (and text encoder) in fp32, every frozen component copied byte for
+    byte from ``base_dir`` (training may hold the frozen VAE and text encoder in bf16; saving those copies would
+    round the base's weights, where diffusers' train_dreambooth.py reloads them from the base)."""
+    pipe.to("cpu", torch.float32) if pipe.vae.dtype != torch.float32 else pipe.to("cpu")
+    frozen = ["vae"] + ([] if trained_text_encoder else ["text_encoder"])
+    with atomic_dir(out_dir) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        for name in frozen:
+            shutil.rmtree(tmp / name)
+            shutil.copytree(base_dir / name, tmp / name)
+        if (base_dir / SOURCE_FILE).is_file():
+            shutil.copy(base_dir / SOURCE_FILE, tmp / SOURCE_FILE)
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
