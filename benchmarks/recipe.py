@@ -19,6 +19,8 @@ intervals, so each run keeps its share of them); sampling steps per image stay. 
 Without an OpenCV that has Haar cascades (opencv 5), prep and compare would stop on stages.lib.imaging.faces's error;
 there they run through this module (``--stage-without-haar``) with face detection finding no face, so prep crops
 at the saliency centroid (or the centre) and compare's face_detection_rate is 0; the JSON says so.
+compare's image metrics need ``cv2.HOGDescriptor``, which OpenCV 5 lacks: there compare is left out, and the JSON's
+``left_out`` says why.
 
 The params come from conf/: where DVC is installed, ``profile=seed_hw4 tracking.enabled=false`` is
 composed into ``--params`` (default tmp/recipe/seed_hw4.yaml, git-ignored); a GPU host without DVC reads that
@@ -610,6 +612,22 @@ def prepare_params(args: argparse.Namespace) -> dict[str, Any]:
     return read_params(args.params)
 
 
+def missing_for_compare() -> str:
+    """Why compare cannot run here ('' when it can): its image metrics use ``cv2.HOGDescriptor``, which OpenCV 5
+    no longer has (the project pins opencv < 5; a GPU host's preinstalled one may be 5)."""
+    import cv2
+
+    return "" if hasattr(cv2, "HOGDescriptor") else f"opencv {cv2.__version__} has no HOGDescriptor"
+
+
+def left_out_stages(args: argparse.Namespace) -> dict[str, str]:
+    """The optional stages this run leaves out, with the reason: asked (--leave-out) or not runnable here."""
+    left = {stage: "--leave-out" for stage in args.leave_out}
+    if "compare" not in left and (reason := missing_for_compare()):
+        left["compare"] = reason
+    return left
+
+
 def new_report(args: argparse.Namespace, params: dict[str, Any], changes: dict[str, Any], haar: bool) -> dict:
     """The report's header: what ran where, and every value changed from the composed seed_hw4 params."""
     from stages.lib.tracking.mlflow_run import git_commit
@@ -619,7 +637,7 @@ def new_report(args: argparse.Namespace, params: dict[str, Any], changes: dict[s
         "benchmark": "recipe", "profile": "seed_hw4", "model": "tiny random" if args.tiny else "sd15 random fp16",
         "scale": args.scale, "full_size": args.scale == 1.0 and not args.tiny, "device": device_name(args.device),
         "versions": versions(), "git_commit": git_commit(), "face_detection": faces,
-        "left_out": {stage: "--leave-out" for stage in args.leave_out}, "changed_params": changes,
+        "left_out": left_out_stages(args), "changed_params": changes,
         "notes": NOTES, "config": params, "complete": False, "stages": {},
     }  # fmt: skip
 
@@ -650,7 +668,10 @@ def run_recipe(
     haar = haar_available() and not args.force_no_haar
     report = new_report(args, params, changes, haar)
     out = args.out or default_out(report["device"], args)
-    wanted = tuple(s for s in RECIPE_STAGES if s not in args.leave_out)
+    wanted = tuple(s for s in RECIPE_STAGES if s not in report["left_out"])
+    for stage, reason in report["left_out"].items():
+        if reason != "--leave-out":
+            print(f"  leaving out {stage}: {reason}")
     setup(report, params, work, wanted)
     for command in stage_commands(params, wanted, ROOT / "dvc.yaml"):
         result = run_stage(command, work, haar, args.verbose)

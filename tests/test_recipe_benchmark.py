@@ -94,3 +94,17 @@ def test_smoke_run_times_every_stage_and_writes_outputs(tmp_path: Path) -> None:
 def stages_output(stages: dict, path: str) -> float:
     """The size the report gives the output ``path`` (MB), whichever stage wrote it."""
     return next(s["outputs_mb"][path] for s in stages.values() if path in s["outputs_mb"])
+
+
+def test_compare_is_left_out_with_its_reason_where_opencv_lacks_hog(monkeypatch: pytest.MonkeyPatch) -> None:
+    import cv2
+
+    args = recipe.parse_args(["--leave-out", "convert"])
+    assert recipe.left_out_stages(args) == {"convert": "--leave-out"}, "this OpenCV has HOGDescriptor"
+    monkeypatch.delattr(cv2, "HOGDescriptor")
+    assert recipe.left_out_stages(args) == {
+        "convert": "--leave-out",
+        "compare": f"opencv {cv2.__version__} has no HOGDescriptor",
+    }
+    asked = recipe.parse_args(["--leave-out", "compare"])
+    assert recipe.left_out_stages(asked) == {"compare": "--leave-out"}
