@@ -11,7 +11,6 @@ from diffusers import StableDiffusionPipeline
 
 from stages.lib.config.loader import to_flat_dict
 from stages.lib.config.schema import PipelineConfig
-from stages.lib.layout import SOURCE_FILE
 from stages.lib.models.loading import load_pipeline, resolve_device
 from stages.lib.runtime.cli import stage_main
 from stages.lib.runtime.distributed import is_main_process
@@ -55,18 +54,15 @@ def run(cfg: PipelineConfig, base_dir: Path, out_dir: Path, paths: FinetunePaths
 def save_finetuned(
     pipe: StableDiffusionPipeline, base_dir: Path, out_dir: Path, trained_text_encoder: bool
 ) -> None:
-    """``out_dir`` (atomically): the trained UNet (and text encoder) in fp32, every frozen component copied byte for
-    byte from ``base_dir`` (training may hold the frozen VAE and text encoder in bf16; saving those copies would
-    round the base's weights, where diffusers' train_dreambooth.py reloads them from the base)."""
-    pipe.to("cpu", torch.float32) if pipe.vae.dtype != torch.float32 else pipe.to("cpu")
-    frozen = ["vae"] + ([] if trained_text_encoder else ["text_encoder"])
+    """``out_dir`` (atomically): ``base_dir`` with the trained UNet (and text encoder) saved over it in fp32; every
+    other file, the frozen VAE and text encoder included, is the base's own (training may hold those in bf16:
+    saving them would round the base's weights, where diffusers' train_dreambooth.py reloads them from the base)."""
+    trained = {"unet": pipe.unet} | ({"text_encoder": pipe.text_encoder} if trained_text_encoder else {})
     with atomic_dir(out_dir) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        for name in frozen:
+        shutil.copytree(base_dir, tmp, dirs_exist_ok=True)
+        for name, module in trained.items():
             shutil.rmtree(tmp / name)
-            shutil.copytree(base_dir / name, tmp / name)
-        if (base_dir / SOURCE_FILE).is_file():
-            shutil.copy(base_dir / SOURCE_FILE, tmp / SOURCE_FILE)
+            module.to("cpu", torch.float32).save_pretrained(tmp / name, safe_serialization=True)
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
