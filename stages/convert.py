@@ -198,11 +198,11 @@ def run(
             if conv.bin or conv.kohya:
                 with phase("lora_exports"):
                     for rank, source in sources.items():
-                        metrics |= ex.lora(rank, source, tmp / "lora" / f"r{rank}")
+                        metrics |= ex.lora(rank, source, lora_dir(tmp / "lora", rank))
             (tmp / "lora_extracted").mkdir()  # always there: infer depends on it (empty when extract_rank=0)
             if conv.extract_rank:
                 with phase("extract"):
-                    metrics |= ex.extracted(base_dir, tmp / "lora_extracted" / f"r{conv.extract_rank}")
+                    metrics |= ex.extracted(base_dir, lora_dir(tmp / "lora_extracted", conv.extract_rank))
             if conv.merged:  # last: fusing modifies the DreamBooth pipeline
                 with phase("merged"):
                     metrics |= ex.merged(sources[cfg.lora.rank], tmp / f"merged_r{cfg.lora.rank}.safetensors")

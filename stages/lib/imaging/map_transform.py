@@ -49,8 +49,9 @@ def transform_photo(image: np.ndarray, t: Transform) -> np.ndarray:
     if t.is_identity:
         return image
     h, w = image.shape[:2]
-    flags = cv2.INTER_LINEAR
-    return cv2.warpAffine(image, t.matrix(h, w), (w, h), flags=flags, borderMode=cv2.BORDER_REPLICATE)
+    return cv2.warpAffine(
+        image, t.matrix(h, w), (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+    )
 
 
 def transform_map(edges: np.ndarray, t: Transform) -> np.ndarray:

@@ -13,7 +13,7 @@ from pathlib import Path
 from stages.lib.config.loader import load_config
 from stages.lib.config.schema import ComputeConfig, PipelineConfig
 from stages.lib.errors import ConfigError, StageError
-from stages.lib.runtime.distributed import relaunch
+from stages.lib.runtime.distributed import is_main_process, relaunch
 from stages.lib.runtime.quiet import install_for_stage
 from stages.lib.runtime.timings import CLOCK, phase, summary_line, write_report
 from stages.lib.tracking.sidecar import discard_prestarted
@@ -73,7 +73,7 @@ def report_timings() -> dict[str, float]:
     it where ``SDPIPE_TIMINGS`` says."""
     report = CLOCK.report()
     logging.getLogger("stages").info("wall time %s", summary_line(report))
-    if os.environ.get("RANK", "0") == "0":
+    if is_main_process():
         write_report(report)
     return report
 

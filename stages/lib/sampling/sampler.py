@@ -363,34 +363,31 @@ def sample(
         disable=not progress,
         mininterval=progress_interval(),
     )
-    with phase("sampling"):
-        with bar, ImageWriter() as writer:
-            while queue:
-                batch = queue.popleft()
-                try:
-                    latents, images = _run_batch(pipe, batch, negative_prompt, call)
-                except torch.cuda.OutOfMemoryError as err:
-                    if len(batch) == 1:
-                        raise StageError(
-                            f"{desc}: out of GPU memory at one image per call ({height}x{width}); free the GPU or "
-                            f"lower the resolution"
-                        ) from err
-                    oom = True
-                else:
-                    oom = False
-                if oom:  # outside the except block: its traceback no longer holds the failed call's tensors
-                    _free_cuda_memory()
-                    size = max(1, len(batch) // 2)
-                    log.warning(
-                        "%s: out of GPU memory at %d images per call; going on at %d", desc, len(batch), size
-                    )
-                    queue = deque(_batches(batch, size) + _batches([j for b in queue for j in b], size))
-                    continue
-                for job, latent, image in zip(batch, latents, images, strict=True):
-                    if job.path is not None:
-                        writer.submit(image, job.path)
-                    results[job.key] = Sample(
-                        image if keep_images else None, latent if keep_latents else None
-                    )
-                bar.update(len(batch))
+    with phase("sampling"), bar, ImageWriter() as writer:
+        while queue:
+            batch = queue.popleft()
+            try:
+                latents, images = _run_batch(pipe, batch, negative_prompt, call)
+            except torch.cuda.OutOfMemoryError as err:
+                if len(batch) == 1:
+                    raise StageError(
+                        f"{desc}: out of GPU memory at one image per call ({height}x{width}); free the GPU or "
+                        f"lower the resolution"
+                    ) from err
+                oom = True
+            else:
+                oom = False
+            if oom:  # outside the except block: its traceback no longer holds the failed call's tensors
+                _free_cuda_memory()
+                size = max(1, len(batch) // 2)
+                log.warning(
+                    "%s: out of GPU memory at %d images per call; going on at %d", desc, len(batch), size
+                )
+                queue = deque(_batches(batch, size) + _batches([j for b in queue for j in b], size))
+                continue
+            for job, latent, image in zip(batch, latents, images, strict=True):
+                if job.path is not None:
+                    writer.submit(image, job.path)
+                results[job.key] = Sample(image if keep_images else None, latent if keep_latents else None)
+            bar.update(len(batch))
     return {key: results[key] for key in keys}
