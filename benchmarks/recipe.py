@@ -539,8 +539,8 @@ def markdown_table(report: dict[str, Any]) -> str:
     totals = dict.fromkeys((*PHASE_COLUMNS, "other"), 0.0)
     for stage in report["stages"].values():
         phases = stage.get("phases", {})
-        other = phases.get("total", stage["seconds"]) - sum(phases.get(k, 0.0) for k in PHASE_COLUMNS)
-        other += stage["seconds"] - phases.get("total", stage["seconds"])  # outside the stage's own clock
+        # the rest of the stage's process, and what its own clock did not see (process exit)
+        other = stage["seconds"] - sum(phases.get(k, 0.0) for k in PHASE_COLUMNS)
         values = [phases.get(k, 0.0) for k in PHASE_COLUMNS] + [other]
         for key, value in zip((*PHASE_COLUMNS, "other"), values, strict=True):
             totals[key] += value
@@ -692,10 +692,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == [WITHOUT_HAAR]:
         return stage_without_haar(argv[1:])
-    if argv[:1] == ["--table"] and len(argv) == 2:
-        print(markdown_table(json.loads(Path(argv[1]).read_text())), end="")
-        return 0
     args = parse_args(argv)
+    if args.table:
+        print(markdown_table(json.loads(args.table.read_text())), end="")
+        return 0
     base = prepare_params(args)
     if args.compose_only:
         print(f"wrote {args.params}")
