@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import math
 import statistics
@@ -48,7 +49,12 @@ from stages.lib.miniature.tiny_model import build_tiny_pipeline
 from stages.lib.tracking.tracker import StageTracker
 from stages.lib.training.checkpoints import CheckpointStore
 from stages.lib.training.data import ImageSet, encode_latents
-from stages.lib.training.finetune import apply_training_levers, encode_prompt, prompt_ids
+from stages.lib.training.finetune import (
+    apply_training_levers,
+    enable_gradient_checkpointing,
+    encode_prompt,
+    prompt_ids,
+)
 from stages.lib.training.trainer import DiffusionTrainer, TrainingData, accelerator_for
 
 EAGER = ComputeConfig(cuda_graphs=False, flat_optimizer=False, channels_last=False, fuse_qkv=False,
@@ -104,15 +110,22 @@ class Bench:
         self.tracker = StageTracker("bench", TrackingConfig(enabled=False), work / "track")
         self.compute = ComputeConfig()  # the project side's levers (--project-compute)
 
-    def memory_mark(self) -> int:
+    def memory_mark(self) -> tuple[int, int]:
+        """Allocated and reserved bytes now (the allocator's cache emptied first), peaks reset."""
         sync(self.device)
         if not self.cuda:
-            return 0
+            return 0, 0
+        gc.collect()  # a previous comparison's graphs and buffers
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
+        return torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
 
-    def peak_gib(self, mark: int, shared: int) -> float:
-        return (torch.cuda.max_memory_allocated() - mark + shared) / 2**30 if self.cuda else math.nan
+    def peak_gib(self, mark: tuple[int, int], shared: tuple[int, int]) -> tuple[float, float]:
+        """Peak allocated and reserved GiB since ``mark``, plus ``shared`` (the frozen modules both sides use)."""
+        if not self.cuda:
+            return math.nan, math.nan
+        peaks = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+        return tuple((peak - m + s) / 2**30 for peak, m, s in zip(peaks, mark, shared, strict=True))
 
     # -- training -----------------------------------------------------------------------------------------------
     def unet_copy(self, lora_rank: int = 0) -> torch.nn.Module:
@@ -125,14 +138,18 @@ class Bench:
             unet.requires_grad_(True)
         return unet
 
-    def train_cfg(self, lora: bool) -> TrainConfig:
+    def train_cfg(self, lora: bool, checkpointing: bool = False) -> TrainConfig:
         never = {"max_train_steps": 100_000, "checkpointing_steps": 10**9, "validation_steps": 10**9}
         lr = 5e-4 if lora else (2e-6 if self.model == "sd15" else 4e-4)
-        return TrainConfig(resolution=self.res, learning_rate=lr, **never)
+        return TrainConfig(
+            resolution=self.res, learning_rate=lr, gradient_checkpointing=checkpointing, **never
+        )
 
     def trainer(self, unet: torch.nn.Module, cfg: TrainConfig, compute: ComputeConfig, name: str):
         """A DiffusionTrainer over ``unet``'s trainable parameters on the cached latents of the four images."""
         apply_training_levers(unet, cfg, compute, self.device)
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(unet)
         data = TrainingData(
             instance=encode_latents(self.pipe.vae, self.images),
             instance_embeds=encode_prompt(self.pipe, INSTANCE_PROMPT),
@@ -158,6 +175,8 @@ class Bench:
             for p in unet.parameters():
                 if p.requires_grad:
                     p.data = p.data.float()
+        if cfg.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()  # the scripts' --gradient_checkpointing
         pipe = copy.copy(self.pipe)
         pipe.unet = unet
         pixels = self.images.pixels[:2].to(self.device)
@@ -180,10 +199,19 @@ def timed_rounds(sides: dict[str, Callable[[int], float]], repeats: int) -> dict
     }
 
 
-def compare_training(bench: Bench, name: str, lora_rank: int, steps: int, warmup: int, repeats: int) -> dict:
-    """Plain vs project step rates (interleaved) and each side's peak memory."""
+def compare_training(
+    bench: Bench,
+    name: str,
+    lora_rank: int,
+    steps: int,
+    warmup: int,
+    repeats: int,
+    checkpointing: bool = False,
+) -> dict:
+    """Plain vs project step rates (interleaved) and each side's peak memory; ``checkpointing``: gradient
+    checkpointing on both sides."""
     lora = lora_rank > 0
-    cfg = bench.train_cfg(lora)
+    cfg = bench.train_cfg(lora, checkpointing)
     shared = bench.memory_mark()
     mark = bench.memory_mark()
     plain = bench.plain_step(bench.unet_copy(lora_rank), cfg, lora)
@@ -218,7 +246,9 @@ def compare_training(bench: Bench, name: str, lora_rank: int, steps: int, warmup
         return steps / (time.perf_counter() - t)
 
     result = timed_rounds({"plain": plain_block, "project": project_block}, repeats)
-    result.update(plain_peak_GiB=plain_peak, project_peak_GiB=project_peak, project_first_call_s=first_call_s,
+    result.update(plain_peak_GiB=plain_peak[0], project_peak_GiB=project_peak[0],
+                  plain_reserved_GiB=plain_peak[1], project_reserved_GiB=project_peak[1],
+                  project_first_call_s=first_call_s,
                   graphed=trainer.graph_blocker is None, graph_blocker=trainer.graph_blocker,
                   optimizer=type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__)  # fmt: skip
     return result
@@ -416,9 +446,15 @@ def main() -> None:
             t = time.perf_counter()
             if part == "check":
                 results["check_dreambooth"] = check_training(bench, args.check_steps)
-            elif part == "dreambooth":
-                results["dreambooth"] = compare_training(
-                    bench, part, 0, args.steps, args.warmup, args.repeats
+            elif part in ("dreambooth", "dreambooth_gc"):
+                results[part] = compare_training(
+                    bench,
+                    part,
+                    0,
+                    args.steps,
+                    args.warmup,
+                    args.repeats,
+                    checkpointing=part == "dreambooth_gc",
                 )
             elif part.startswith("lora_r"):
                 rank = int(part.removeprefix("lora_r"))
@@ -439,6 +475,7 @@ def main() -> None:
 
 ROW_NAMES = {
     "dreambooth": ("DreamBooth step (batch 1 + 1 prior)", "it/s"),
+    "dreambooth_gc": ("DreamBooth step, gradient checkpointing (both sides)", "it/s"),
     "lora_r4": ("LoRA r4 step", "it/s"),
     "lora_r24": ("LoRA r24 step", "it/s"),
     "class_images": ("class images (50 steps, CFG 7.5)", "img/s"),

@@ -45,6 +45,7 @@ from stages.lib.training.data import ImageSet, load_instance_set
 from stages.lib.training.finetune import (
     FinetunePaths,
     PairAugment,
+    enable_gradient_checkpointing,
     finetune,
     place_frozen_modules,
     sample_validation,
@@ -147,7 +148,7 @@ def train_controlnet(
     pipe.unet.requires_grad_(False)
     controlnet = new_controlnet(pipe, train.seed).to(pipe.unet.device).train()
     if train.gradient_checkpointing:
-        controlnet.enable_gradient_checkpointing()
+        enable_gradient_checkpointing(controlnet)
     identity = {
         "model": hash_files([model_dir / "unet", model_dir / "vae", model_dir / "text_encoder"]),
         "annotator": [s.annotator, s.low_threshold, s.high_threshold],

@@ -104,10 +104,14 @@ def test_bitsandbytes_when_the_flat_optimizer_is_off(world: TinyWorld, optimizer
     assert optimizer_types and optimizer_types[0].startswith("bitsandbytes"), optimizer_types
 
 
-def _trained(world: TinyWorld, name: str, compute: dict, steps: int = 30) -> tuple[dict, dict]:
+def _trained(
+    world: TinyWorld, name: str, compute: dict, steps: int = 30, **train: object
+) -> tuple[dict, dict]:
     cfg = copy.deepcopy(world.cfg)
     for key, value in compute.items():
         setattr(cfg.compute, key, value)
+    for key, value in train.items():
+        setattr(cfg.dreambooth, key, value)
     cfg.dreambooth.max_train_steps = steps
     cfg.dreambooth.checkpointing_steps = 10
     out = world.root / name
@@ -139,6 +143,21 @@ def test_captured_step_trains_like_the_eager_step(world: TinyWorld) -> None:
     assert rel(graphed, eager_flat) < 0.05, "graph capture changes no arithmetic beyond bf16 noise"
     assert rel(graphed, eager_bnb) < 0.25, "flat 8-bit AdamW tracks bitsandbytes' AdamW8bit"
     assert g["metrics"]["val_loss"] < g["metrics"]["val_loss_start"]
+
+
+def test_captured_step_with_gradient_checkpointing(
+    world: TinyWorld, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Gradient checkpointing stays inside the captured step and changes nothing beyond bf16 noise."""
+    base = load_file(world.base_dir / "unet/diffusion_pytorch_model.safetensors")
+    with caplog.at_level("INFO", logger="stages"):
+        checkpointed, c = _trained(world, "graphed_gc", {}, gradient_checkpointing=True)
+    assert "training step captured as a CUDA graph" in caplog.text
+    plain, p = _trained(world, "graphed_no_gc", {})
+    assert c["losses"][1] == pytest.approx(p["losses"][1], rel=1e-3)
+    diff = sum(float((checkpointed[k].float() - plain[k].float()).norm() ** 2) for k in plain) ** 0.5
+    update = sum(float((plain[k].float() - base[k].float()).norm() ** 2) for k in plain) ** 0.5
+    assert diff < 0.05 * update
 
 
 def test_captured_step_refuses_a_non_finite_loss(world: TinyWorld) -> None:

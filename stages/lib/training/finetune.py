@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 
 from stages.lib.config.schema import ComputeConfig, DataConfig, TrainConfig
@@ -88,7 +89,26 @@ def place_frozen_modules(pipe: StableDiffusionPipeline, cfg: TrainConfig, device
                 module.to(dtype=half)
         pipe.unet.to(device)
         if cfg.gradient_checkpointing:
-            pipe.unet.enable_gradient_checkpointing()
+            enable_gradient_checkpointing(pipe.unet)
+
+
+def draws_random_numbers(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s forward draws random numbers in training mode (a dropout with p > 0)."""
+    return any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """diffusers' gradient checkpointing (non-reentrant), stashing the RNG state only where ``model`` has an
+    active dropout. SD's UNet and ControlNet have none (dropout 0), so the recomputation needs no RNG state, which
+    lets the step be captured as a CUDA graph; the gradients are those of the model without checkpointing."""
+    preserve_rng_state = draws_random_numbers(model)
+
+    def checkpointed(module: torch.nn.Module, *args: object) -> object:
+        return torch.utils.checkpoint.checkpoint(
+            module.__call__, *args, use_reentrant=False, preserve_rng_state=preserve_rng_state
+        )
+
+    model.enable_gradient_checkpointing(checkpointed)
 
 
 def half_frozen_layers(module: torch.nn.Module, dtype: torch.dtype) -> int:

@@ -186,6 +186,10 @@ class GraphedStep:
             for _ in range(2):
                 self._body(skip)
         torch.cuda.current_stream().wait_stream(side)
+        # The warm-up's activations sit freed in the allocator's cache; the capture allocates from the graph's own
+        # pool, so hand them back first: otherwise both sets stay reserved and the step needs twice the memory.
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
         self.bad.zero_()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):

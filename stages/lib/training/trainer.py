@@ -192,7 +192,6 @@ def graph_blocker(
         (world > 1, f"{world} processes (graphs serve one process)"),
         (cfg.mixed_precision == "fp16", "fp16 mixed precision needs a loss scaler (use bf16)"),
         (cfg.train_text_encoder, "the text encoder trains"),
-        (cfg.gradient_checkpointing, "gradient checkpointing is on"),
         (not isinstance(optimizer, FlatAdamW8bit), f"optimizer={cfg.optimizer} (needs the flat adamw8bit)"),
     ]
     return next((why for blocked, why in reasons if blocked), None)
