@@ -58,10 +58,13 @@ def save_finetuned(
     other file, the frozen VAE and text encoder included, is the base's own (training may hold those in bf16:
     saving them would round the base's weights, where diffusers' train_dreambooth.py reloads them from the base)."""
     trained = {"unet": pipe.unet} | ({"text_encoder": pipe.text_encoder} if trained_text_encoder else {})
+
+    def untrained(folder: str, names: list[str]) -> list[str]:  # the trained modules' folders are not copied
+        return [n for n in names if n in trained] if Path(folder) == base_dir else []
+
     with atomic_dir(out_dir) as tmp:
-        shutil.copytree(base_dir, tmp, dirs_exist_ok=True)
+        shutil.copytree(base_dir, tmp, ignore=untrained, dirs_exist_ok=True)
         for name, module in trained.items():
-            shutil.rmtree(tmp / name)
             module.to("cpu", torch.float32).save_pretrained(tmp / name, safe_serialization=True)
 
 
