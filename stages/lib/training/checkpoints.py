@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 import shutil
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -14,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 DONE_MARKER = "complete.json"
+log = logging.getLogger(__name__)
 
 
 def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
@@ -74,7 +77,7 @@ class PinnedSnapshot:
         return copied
 
     def _span(self, t: torch.Tensor) -> int:
-        return -(-t.numel() * t.element_size() // self.ALIGN) * self.ALIGN
+        return math.ceil(t.numel() * t.element_size() / self.ALIGN) * self.ALIGN
 
 
 @dataclass
@@ -97,7 +100,7 @@ class CheckpointStore:
         self.limit = max(1, limit)
         self._writer: ThreadPoolExecutor | None = None
         self._pending: list[Future[Path]] = []
-        self._pinned: PinnedSnapshot | None = None
+        self._pinned: PinnedSnapshot | None = PinnedSnapshot() if torch.cuda.is_available() else None
 
     def _complete(self) -> list[Path]:
         if not self.root.is_dir():
@@ -131,12 +134,17 @@ class CheckpointStore:
         host synchronisation here: the writer waits for the copies), else through a pageable copy."""
         parts = (state.tensors, state.optimizer, state.lr_scheduler)
         ready: torch.cuda.Event | None = None
-        if any(t.is_cuda for t in state.tensors.values()) and all(f.done() for f in self._pending):
-            self._pinned = self._pinned or PinnedSnapshot()
-            tensors, optimizer, lr_scheduler = self._pinned.copy(parts)
-            ready = self._pinned.done
-        else:
-            tensors, optimizer, lr_scheduler = _to_cpu(parts)
+        on_gpu = any(t.is_cuda for t in state.tensors.values())
+        if on_gpu and self._pinned is not None and all(f.done() for f in self._pending):
+            try:
+                parts = self._pinned.copy(parts)
+                ready = self._pinned.done
+            except RuntimeError as err:  # e.g. no page-locked memory to be had: pageable copies from now on
+                log.warning("checkpoints copied without a page-locked buffer: %s", str(err).splitlines()[0])
+                self._pinned = None
+        if ready is None:
+            parts = _to_cpu(parts)
+        tensors, optimizer, lr_scheduler = parts
         snapshot = CheckpointState(state.step, tensors, optimizer, lr_scheduler, state.extra)
         if self._writer is None:
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
