@@ -489,7 +489,7 @@ def markdown_table(results: dict) -> str:
         f"{results['device']}, torch {results['torch']}, diffusers {results['diffusers']}; "
         f"{results['args']['repeats']} interleaved rounds, median (min-max):",
         "",
-        "| work | plain diffusers | this project | ratio | peak GiB (plain / project) |",
+        "| work | plain diffusers | this project | ratio | peak GiB allocated (reserved): plain / project |",
         "|---|---|---|---|---|",
     ]
     for key, (label, unit) in ROW_NAMES.items():
@@ -502,12 +502,20 @@ def markdown_table(results: dict) -> str:
         ]
         r = row["ratio"]
         peak = (
-            f"{row['plain_peak_GiB']:.1f} / {row['project_peak_GiB']:.1f}" if "plain_peak_GiB" in row else "-"
+            " / ".join(memory_cell(row, side) for side in ("plain", "project"))
+            if "plain_peak_GiB" in row
+            else "-"
         )
         lines.append(
             f"| {label} | {cells[0]} | {cells[1]} | **{r['median']:.2f}x** ({r['min']:.2f}-{r['max']:.2f}) | {peak} |"
         )
     return "\n".join(lines) + "\n" + checks_line(results)
+
+
+def memory_cell(row: dict, side: str) -> str:
+    """``allocated (reserved)`` peak GiB of one side; results written before reserved was recorded show the first."""
+    reserved = row.get(f"{side}_reserved_GiB")
+    return f"{row[f'{side}_peak_GiB']:.1f}" + ("" if reserved is None else f" ({reserved:.1f})")
 
 
 def checks_line(results: dict) -> str:

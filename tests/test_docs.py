@@ -20,6 +20,7 @@ TABLES = [  # (renderer, result JSON, docs page that shows it)
     (speed.markdown_table, "benchmarks/results/speed_h100.json", "README.md"),
     (speed.markdown_table, "benchmarks/results/speed_h100.json", "docs/gpu-speed.md"),
     (recipe.markdown_table, "benchmarks/results/recipe_h100_s01.json", "docs/gpu-speed.md"),
+    (recipe.markdown_table, "benchmarks/results/recipe_h100_s01_r4.json", "docs/gpu-speed.md"),
 ]
 
 
