@@ -591,7 +591,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--leave-out", nargs="*", default=[], choices=OPTIONAL_STAGES, help="optional stages")
     parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="another params value"
+        "--set",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="params values (repeatable)",
     )
     parser.add_argument(
         "--force-no-haar", action="store_true", help="run prep / compare as without opencv's cascades"

@@ -38,7 +38,7 @@ def test_stage_commands_are_dvc_yamls_resolved(seed_params: dict) -> None:
 
 
 def test_scale_multiplies_counts_and_steps_only(seed_params: dict) -> None:
-    args = recipe.parse_args(["--scale", "0.1", "--set", "infer.seed=3"])
+    args = recipe.parse_args(["--scale", "0.1", "--set", "infer.seed=3", "dreambooth.seed=5"])
     params, changes = recipe.benchmark_params(seed_params, args)
     assert params["class_images"]["num_class_images"] == 50
     assert params["dreambooth"]["max_train_steps"] == 80
@@ -50,6 +50,7 @@ def test_scale_multiplies_counts_and_steps_only(seed_params: dict) -> None:
     )
     assert params["model"] == {**seed_params["model"], "source": "single_file", "path": recipe.SD15_FILE}
     assert changes["infer.seed"] == 3 and params["tracking"]["enabled"] is False
+    assert params["dreambooth"]["seed"] == 5, "one --set takes several values"
     with pytest.raises(SystemExit, match="unknown params key 'infer.sed'"):
         recipe.benchmark_params(seed_params, recipe.parse_args(["--set", "infer.sed=3"]))
 
