@@ -100,7 +100,7 @@ def draws_random_numbers(model: torch.nn.Module) -> bool:
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     """diffusers' gradient checkpointing (non-reentrant), stashing the RNG state only where ``model`` has an
     active dropout. SD's UNet and ControlNet have none (dropout 0), so the recomputation needs no RNG state, which
-    lets the step be captured as a CUDA graph; the gradients are those of the model without checkpointing."""
+    keeps RNG state calls out of the captured CUDA-graph step; the gradients are those without checkpointing."""
     preserve_rng_state = draws_random_numbers(model)
 
     def checkpointed(module: torch.nn.Module, *args: object) -> object:
