@@ -64,7 +64,7 @@ from typing import Any
 
 import yaml
 
-from stages.lib.runtime.timings import TIMINGS_ENV, summary_line
+from stages.lib.runtime.timings import PROFILE_ENV, TIMINGS_ENV, summary_line
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PARAMS = ROOT / "tmp" / "recipe" / "seed_hw4.yaml"
@@ -343,12 +343,18 @@ def stage_env(work: Path) -> dict[str, str]:
 
 
 def run_process(
-    argv: list[str], work: Path, log: Path, echo: bool, timings: Path | None = None
+    argv: list[str],
+    work: Path,
+    log: Path,
+    echo: bool,
+    timings: Path | None = None,
+    profile: Path | None = None,
 ) -> tuple[int, float]:
     """Run ``argv`` in ``work``, its output into ``log`` (and the console with ``echo``); status and seconds.
-    ``timings``: where the stage writes its phase breakdown."""
+    ``timings``: where the stage writes its phase breakdown; ``profile``: where it writes its cProfile stats."""
     log.parent.mkdir(parents=True, exist_ok=True)
     env = stage_env(work) | ({TIMINGS_ENV: str(timings)} if timings is not None else {})
+    env |= {PROFILE_ENV: str(profile)} if profile is not None else {}
     start = time.perf_counter()
     with log.open("w") as sink:
         proc = subprocess.Popen(argv, cwd=work, env=env, stdout=subprocess.PIPE,
@@ -385,12 +391,16 @@ def stage_timer(stage: str, metrics: dict[str, Any]) -> float | None:
     return None
 
 
-def run_stage(command: StageCommand, work: Path, haar: bool, echo: bool) -> StageResult:
-    """Run one stage, then read its metrics and check the outputs dvc.yaml lists."""
+def run_stage(
+    command: StageCommand, work: Path, haar: bool, echo: bool, profile_dir: Path | None = None
+) -> StageResult:
+    """Run one stage, then read its metrics and check the outputs dvc.yaml lists; with ``profile_dir``, the
+    stage's host profile lands there as ``<stage>.prof``."""
     argv = launcher(command, haar)
     timings = work / "logs" / f"{command.key}.timings.json"
     timings.unlink(missing_ok=True)
-    status, seconds = run_process(argv, work, work / "logs" / f"{command.key}.log", echo, timings)
+    profile = None if profile_dir is None else profile_dir / f"{command.key.replace('@', '_')}.prof"
+    status, seconds = run_process(argv, work, work / "logs" / f"{command.key}.log", echo, timings, profile)
     result = StageResult(command.key, shlex.join(argv), seconds, status)
     if timings.is_file():
         result.phases = json.loads(timings.read_text())
@@ -604,6 +614,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--verbose", action="store_true", help="show each stage's output (always in <work>/logs)"
     )
+    parser.add_argument(
+        "--profile", type=Path, metavar="DIR",
+        help="write each stage's cProfile stats to DIR/<stage>.prof (read them with python -m pstats)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if not 0 < args.scale <= 1:
         parser.error(f"--scale {args.scale}: must be in (0, 1]")
@@ -679,7 +693,9 @@ def run_recipe(
             print(f"  leaving out {stage}: {reason}")
     setup(report, params, work, wanted)
     for command in stage_commands(params, wanted, ROOT / "dvc.yaml"):
-        result = run_stage(command, work, haar, args.verbose)
+        result = run_stage(
+            command, work, haar, args.verbose, args.profile.resolve() if args.profile else None
+        )
         report["stages"][command.key] = asdict(result)
         print_row(result)
         if result.returncode != 0 or result.missing_outputs:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pstats
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ from PIL import Image
 
 from stages.lib.config.loader import save_params
 from stages.lib.config.schema import PipelineConfig
-from stages.lib.runtime.timings import TIMINGS_ENV, StageClock, summary_line, write_report
+from stages.lib.runtime.timings import PROFILE_ENV, TIMINGS_ENV, StageClock, summary_line, write_report
 from tests.conftest import PROJECT_ROOT
 
 
@@ -45,7 +46,7 @@ def test_summary_line_and_json(tmp_path: Path) -> None:
 
 
 def test_a_stage_process_reports_its_phases(tmp_path: Path) -> None:
-    """A real stage (prep on two generated photos) writes its breakdown, startup included."""
+    """A real stage (prep on two generated photos) writes its breakdown, startup included, and its host profile."""
     photos = tmp_path / "photos"
     photos.mkdir()
     for i in range(2):
@@ -59,7 +60,7 @@ def test_a_stage_process_reports_its_phases(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "stages", "prep", "--params", str(tmp_path / "params.yaml"), "--input", str(photos),
          "--output", str(tmp_path / "prepared"), "--reports", str(tmp_path / "reports")],
-        cwd=PROJECT_ROOT, env={**os.environ, TIMINGS_ENV: str(target)},
+        cwd=PROJECT_ROOT, env={**os.environ, TIMINGS_ENV: str(target), PROFILE_ENV: str(tmp_path / "prep.prof")},
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
@@ -68,3 +69,5 @@ def test_a_stage_process_reports_its_phases(tmp_path: Path) -> None:
     assert report["config"] > 0
     assert report["total"] >= report["startup"] + report["config"]
     assert "wall time total" in done.stderr
+    profiled = {(Path(file).name, name) for file, _, name in pstats.Stats(str(tmp_path / "prep.prof")).stats}
+    assert ("prep.py", "run") in profiled, "the stage's own code ran under the profiler"

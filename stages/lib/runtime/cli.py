@@ -15,7 +15,7 @@ from stages.lib.config.schema import ComputeConfig, PipelineConfig
 from stages.lib.errors import ConfigError, StageError
 from stages.lib.runtime.distributed import is_main_process, relaunch
 from stages.lib.runtime.quiet import install_for_stage
-from stages.lib.runtime.timings import CLOCK, phase, summary_line, write_report
+from stages.lib.runtime.timings import CLOCK, host_profile, phase, summary_line, write_report
 from stages.lib.tracking.sidecar import discard_prestarted
 
 
@@ -106,7 +106,8 @@ def stage_main(
             status = relaunch(cfg.compute, launch_module, list(sys.argv[1:] if argv is None else argv))
             if status is not None:
                 return status
-        run(cfg, args)
+        with host_profile():
+            run(cfg, args)
         report_timings()
     except (ConfigError, StageError) as err:
         return report_failure(str(err))

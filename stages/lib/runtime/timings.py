@@ -19,6 +19,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 TIMINGS_ENV = "SDPIPE_TIMINGS"
+PROFILE_ENV = "SDPIPE_PROFILE"
 
 
 def _process_age() -> float:
@@ -97,3 +98,24 @@ def write_report(report: dict[str, float], env: dict[str, str] | None = None) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({k: round(v, 3) for k, v in report.items()}, indent=1) + "\n")
     return path
+
+
+@contextmanager
+def host_profile(env: dict[str, str] | None = None) -> Iterator[Path | None]:
+    """Run the block under ``cProfile`` and write its stats (``pstats`` format) to the file ``SDPIPE_PROFILE``
+    names, if it names one: where the host's time goes (on a GPU, time the host waits shows as the waiting call)."""
+    target = (os.environ if env is None else env).get(PROFILE_ENV)
+    if not target:
+        yield None
+        return
+    import cProfile
+
+    path = Path(target)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        yield path
+    finally:
+        profiler.disable()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        profiler.dump_stats(str(path))
