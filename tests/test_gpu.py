@@ -221,3 +221,39 @@ def test_checkpoint_snapshot_is_the_state_at_its_step(tmp_path) -> None:
             "the shared buffer is not written"
         )
     assert buffers[0] == buffers[1], "the second checkpoint reuses the first one's pinned buffer"
+
+
+def test_validation_sampling_replays_cuda_graphs_of_the_eager_unet(world: TinyWorld) -> None:
+    """Validation images through the graphed UNet equal the eager ones, also after the weights change in place
+    (training between two rounds) and through Accelerate's bf16 wrapper; the wrapper is back afterwards."""
+    import numpy as np
+    from accelerate import Accelerator
+
+    from stages.lib.models.loading import load_pipeline
+    from stages.lib.training.finetune import sample_validation
+    from stages.lib.training.graphed_denoiser import GraphedDenoiser, graphed_sampling
+
+    pipe = load_pipeline(world.base_dir).to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.unet = Accelerator(mixed_precision="bf16").prepare(pipe.unet)  # as the trainer prepares it
+    wrapper = pipe.unet.forward
+    cfg, prompt = world.cfg.dreambooth, world.cfg.data.instance_prompt
+    denoiser = GraphedDenoiser(pipe.unet)
+
+    def pixels(graphed: bool) -> np.ndarray:
+        with graphed_sampling(pipe.unet, denoiser if graphed else None):
+            images = sample_validation(pipe, cfg, prompt)
+        return np.stack([np.asarray(im, dtype=np.float32) for im in images])
+
+    rounds = []
+    for _ in range(2):
+        rounds.append((pixels(graphed=False), pixels(graphed=True)))
+        with torch.no_grad():
+            for p in pipe.unet.parameters():
+                p.mul_(1.02)  # in place, like an optimizer step
+    assert denoiser.failed is None and len(denoiser.graphs) == 1, (denoiser.failed, list(denoiser.graphs))
+    for eager, graphed in rounds:
+        assert np.abs(eager - graphed).max() <= 2, "same kernels: the same images within a grey level or two"
+    assert np.abs(rounds[0][1] - rounds[1][1]).mean() > 0.5, "the second round's replays see the new weights"
+    assert pipe.unet.forward == wrapper, "Accelerate's forward is restored after sampling"
+    denoiser.release()

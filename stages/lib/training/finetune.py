@@ -27,6 +27,7 @@ from stages.lib.training.data import (
     load_image_folder,
     load_instance_set,
 )
+from stages.lib.training.graphed_denoiser import GraphedDenoiser, graphed_sampling
 from stages.lib.training.trainer import DiffusionTrainer, TrainingData, TrainResult, accelerator_for
 
 CODE_FILES = [Path(__file__), Path(__file__).with_name("trainer.py"), Path(__file__).with_name("losses.py")]
@@ -229,9 +230,15 @@ def save_validation_grid(grid, step: int, reports_dir: Path, tracker: StageTrack
 
 
 def make_validation_hook(
-    pipe: StableDiffusionPipeline, cfg: TrainConfig, prompt: str, tracker: StageTracker, reports_dir: Path
+    pipe: StableDiffusionPipeline,
+    cfg: TrainConfig,
+    prompt: str,
+    tracker: StageTracker,
+    reports_dir: Path,
+    denoiser: GraphedDenoiser | None = None,
 ):
-    """A callback that samples seeded validation images with the UNet being trained and logs a grid."""
+    """A callback that samples seeded validation images with the UNet being trained and logs a grid;
+    ``denoiser``: the UNet's forward as CUDA graph replays (None: eager)."""
 
     def validate(step: int) -> None:
         if cfg.num_validation_images <= 0:
@@ -239,7 +246,8 @@ def make_validation_hook(
         pipe.set_progress_bar_config(disable=True)
         was_training = pipe.unet.training
         pipe.unet.eval()
-        images = sample_validation(pipe, cfg, prompt)
+        with graphed_sampling(pipe.unet, denoiser):
+            images = sample_validation(pipe, cfg, prompt)
         pipe.unet.train(was_training)
         grid = make_grid(images, columns=len(images), cell=view_cell(images))
         save_validation_grid(grid, step, reports_dir, tracker)
@@ -294,8 +302,10 @@ def finetune(
         fingerprint(stage, asdict(cfg), asdict(data_cfg), identity, hash_files(inputs + CODE_FILES)),
         cfg.checkpoints_total_limit,
     )
+    # validation's two images are too few to keep the GPU busy eagerly: replay the UNet as CUDA graphs
+    denoiser = GraphedDenoiser(pipe.unet) if compute.cuda_graphs and device.type == "cuda" else None
     hook = validate_images or make_validation_hook(
-        pipe, cfg, data_cfg.instance_prompt, tracker, paths.reports_dir
+        pipe, cfg, data_cfg.instance_prompt, tracker, paths.reports_dir, denoiser
     )
     trainer = DiffusionTrainer(
         cfg,
@@ -310,6 +320,8 @@ def finetune(
         compute=compute,
     )
     result = trainer.run()
+    if denoiser is not None:
+        denoiser.release()
     if accelerator.is_main_process:
         tracker.log_artifact(write_loss_table(result.history, paths.reports_dir / "loss.csv"))
     return result
