@@ -336,7 +336,7 @@ class ComputeConfig:
     num_threads: int = 0  # 0 leaves torch's default
     # Speed levers, used on CUDA only; none changes what is computed beyond float rounding (benchmarks/speed.py
     # checks each against the plain path). Switch one off to compare or to work around a driver problem.
-    cuda_graphs: bool = True  # the training step (forward, backward, optimizer) replayed as one CUDA graph
+    cuda_graphs: bool = True  # the training step and validation's UNet forward replayed as CUDA graphs
     flat_optimizer: bool = True  # adamw8bit as one kernel over a flat parameter buffer (8-bit states)
     channels_last: bool = True  # UNet and VAE convolutions in NHWC memory layout
     half_frozen_weights: bool = (
