@@ -478,6 +478,8 @@ class DiffusionTrainer:
         """Capture the step as a CUDA graph; on failure, say why and stay eager (the weights are untouched)."""
         t0 = time.perf_counter()
         try:
+            # the eager reference first: the capture's emptying of the allocator's cache then frees its memory too
+            eager = self._eager_loss(start)
             self.graphed = GraphedStep(
                 self._draw,
                 lambda draws: self._loss_terms(self._assemble(draws), self._graph_autocast()),
@@ -486,7 +488,7 @@ class DiffusionTrainer:
                 start,
                 self.device,
             )
-            mismatch = self._graph_mismatch(start)
+            mismatch = self._graph_mismatch(start, eager)
         except RuntimeError as err:  # e.g. an operation that cannot be captured in this torch/driver
             mismatch = f"capture failed: {str(err).splitlines()[0]}"
         if mismatch is not None:
@@ -497,12 +499,15 @@ class DiffusionTrainer:
         log.info("training step captured as a CUDA graph and checked in %.1f s", time.perf_counter() - t0)
         return True
 
-    def _graph_mismatch(self, step: int, rel: float = 2e-2) -> str | None:
-        """Why the captured step cannot be trusted, or None: its loss on ``step``'s batch (update held back) must
-        equal the eager loss on the same batch and weights within bf16 rounding."""
-        assert self.graphed is not None
+    def _eager_loss(self, step: int) -> float:
+        """The eager step's loss on ``step``'s batch with the current weights (no update)."""
         with torch.no_grad():
-            eager = self._loss_terms(self._batch(step), self._graph_autocast())["loss"].item()
+            return self._loss_terms(self._batch(step), self._graph_autocast())["loss"].item()
+
+    def _graph_mismatch(self, step: int, eager: float, rel: float = 2e-2) -> str | None:
+        """Why the captured step cannot be trusted, or None: its loss on ``step``'s batch (update held back) must
+        equal ``eager``, the eager loss on the same batch and weights, within bf16 rounding."""
+        assert self.graphed is not None
         replayed = self.graphed.replayed_loss(step)
         if math.isfinite(eager) and abs(replayed - eager) > rel * abs(eager):
             return f"the captured step's loss {replayed:.6g} differs from the eager step's {eager:.6g}"
