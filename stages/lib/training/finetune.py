@@ -303,9 +303,9 @@ def finetune(
         cfg.checkpoints_total_limit,
     )
     # validation's two images are too few to keep the GPU busy eagerly: replay the UNet as CUDA graphs
-    denoiser = GraphedDenoiser(pipe.unet) if compute.cuda_graphs and device.type == "cuda" else None
+    graphed = GraphedDenoiser(pipe.unet) if compute.cuda_graphs and device.type == "cuda" else None
     hook = validate_images or make_validation_hook(
-        pipe, cfg, data_cfg.instance_prompt, tracker, paths.reports_dir, denoiser
+        pipe, cfg, data_cfg.instance_prompt, tracker, paths.reports_dir, graphed
     )
     trainer = DiffusionTrainer(
         cfg,
@@ -320,8 +320,8 @@ def finetune(
         compute=compute,
     )
     result = trainer.run()
-    if denoiser is not None:
-        denoiser.release()
+    if graphed is not None:
+        graphed.release()
     if accelerator.is_main_process:
         tracker.log_artifact(write_loss_table(result.history, paths.reports_dir / "loss.csv"))
     return result
