@@ -21,7 +21,6 @@ from diffusers import StableDiffusionPipeline
 from stages.lib.config.loader import to_flat_dict
 from stages.lib.config.schema import PipelineConfig
 from stages.lib.errors import StageError
-from stages.lib.imaging.images import save_image
 from stages.lib.layout import LORA_WEIGHT_NAME, featured_lora_dir, lora_dir
 from stages.lib.models.loading import load_pipeline, resolve_device
 from stages.lib.runtime.cli import stage_main
@@ -34,11 +33,12 @@ from stages.lib.sampling.inference import (
     prompt_slugs,
     sampling_kwargs,
 )
-from stages.lib.sampling.sampler import prepare_for_sampling
+from stages.lib.sampling.sampler import ImageWriter, prepare_for_sampling
 from stages.lib.tracking.tracker import StageTracker, stage_run
 
 log = logging.getLogger(__name__)
 VARIANT_KINDS = ("base", "dreambooth", "lora", "lora_extracted")
+GRID_WRITERS = 4  # threads encoding the report grids
 
 
 @dataclass(frozen=True)
@@ -154,9 +154,11 @@ def log_grids(index: InferIndex, reports: Path, tracker: StageTracker) -> None:
         f"prompt_{s}": index.grid(list(index.variants), [p])
         for p, s in zip(index.prompts, slugs, strict=True)
     }
-    for name, grid in grids.items():
-        save_image(grid, reports / "grids" / f"{name}.png")
-        tracker.log_image(grid, f"grids/{name}.png")
+    # large PNGs, encoded side by side (Pillow's encoder releases the GIL)
+    with ImageWriter(workers=GRID_WRITERS) as writer:
+        for name, grid in grids.items():
+            writer.submit(grid, reports / "grids" / f"{name}.png")
+            tracker.log_image(grid, f"grids/{name}.png")
 
 
 def run(cfg: PipelineConfig, paths: InferPaths) -> dict[str, float]:
