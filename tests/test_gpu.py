@@ -224,8 +224,9 @@ def test_checkpoint_snapshot_is_the_state_at_its_step(tmp_path) -> None:
 
 
 def test_validation_sampling_replays_cuda_graphs_of_the_eager_unet(world: TinyWorld) -> None:
-    """Validation images through the graphed UNet equal the eager ones, also after the weights change in place
-    (training between two rounds) and through Accelerate's bf16 wrapper; the wrapper is back afterwards."""
+    """Through Accelerate's bf16 wrapper, as the trainer prepares the UNet: the replayed forward equals the eager
+    one, also after the weights change in place (training between two rounds); validation images through it equal
+    the eager ones; the wrapper is back afterwards."""
     import numpy as np
 
     from stages.lib.models.loading import load_pipeline
@@ -236,25 +237,71 @@ def test_validation_sampling_replays_cuda_graphs_of_the_eager_unet(world: TinyWo
     pipe = load_pipeline(world.base_dir).to("cuda")
     pipe.set_progress_bar_config(disable=True)
     cfg, prompt = world.cfg.dreambooth, world.cfg.data.instance_prompt
-    pipe.unet = accelerator_for(cfg, torch.device("cuda")).prepare(pipe.unet)  # as the trainer prepares it
-    wrapper = pipe.unet.forward
-    denoiser = GraphedDenoiser(pipe.unet)
+    pipe.unet = accelerator_for(cfg, torch.device("cuda")).prepare(pipe.unet)
+    unet, wrapper = pipe.unet, pipe.unet.forward
+    denoiser = GraphedDenoiser(unet)
+    g = torch.Generator("cuda").manual_seed(0)
+    size = unet.config.sample_size
+    x = torch.randn(4, unet.config.in_channels, size, size, device="cuda", generator=g)
+    text = torch.randn(4, 77, unet.config.cross_attention_dim, device="cuda", generator=g)
+    t = torch.tensor(500, device="cuda")
+
+    def outputs() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            eager = unet(x, t, encoder_hidden_states=text, return_dict=False)[0]
+            with graphed_sampling(unet, denoiser):
+                unet(
+                    x, t, encoder_hidden_states=text, return_dict=False
+                )  # first call of a shape: eager, captured
+                replayed = unet(x, t, encoder_hidden_states=text, return_dict=False)[0]
+        return eager, replayed
+
+    before = outputs()
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn(p.shape, device=p.device, generator=g) * p.abs().mean())  # like a step
+    after = outputs()
+    assert denoiser.failed is None and len(denoiser.graphs) == 1, (denoiser.failed, list(denoiser.graphs))
+    for eager, replayed in (before, after):
+        assert replayed.dtype == eager.dtype == torch.float32, "Accelerate's fp32 outputs are kept"
+        assert torch.allclose(replayed, eager, rtol=1e-3, atol=1e-3), float((replayed - eager).abs().max())
+    assert (after[1] - before[1]).abs().mean() > 100 * (after[1] - after[0]).abs().mean().clamp_min(1e-6), (
+        "the replay after the weight change computes with the new weights"
+    )
 
     def pixels(graphed: bool) -> np.ndarray:
-        with graphed_sampling(pipe.unet, denoiser if graphed else None):
+        with graphed_sampling(unet, denoiser if graphed else None):
             images = sample_validation(pipe, cfg, prompt)
         return np.stack([np.asarray(im, dtype=np.float32) for im in images])
 
-    rounds = []
-    for _ in range(2):
-        rounds.append((pixels(graphed=False), pixels(graphed=True)))
-        with torch.no_grad():
-            for p in pipe.unet.parameters():
-                p.mul_(1.02)  # in place, like an optimizer step
-    assert denoiser.failed is None and len(denoiser.graphs) == 1, (denoiser.failed, list(denoiser.graphs))
-    for eager, graphed in rounds:
-        worst = np.abs(eager - graphed).max()
-        assert worst <= 2, f"same kernels: the same images within a grey level or two (off by {worst})"
-    assert np.abs(rounds[0][1] - rounds[1][1]).mean() > 0.5, "the second round's replays see the new weights"
+    eager_images, graphed_images = pixels(graphed=False), pixels(graphed=True)
+    worst = np.abs(eager_images - graphed_images).max()
+    assert worst <= 2, f"same kernels: the same images within a grey level or two (off by {worst})"
     assert pipe.unet.forward == wrapper, "Accelerate's forward is restored after sampling"
     denoiser.release()
+
+
+def test_training_runs_without_cudnn_attention_and_restores_it(world: TinyWorld, monkeypatch) -> None:
+    """compute.cudnn_attention_in_training=false (the default): training and validation without cuDNN's fused
+    attention, the process's setting back afterwards; true leaves cuDNN's attention on."""
+    from stages.lib.training.trainer import DiffusionTrainer
+
+    seen: list[bool] = []
+    real = DiffusionTrainer.run
+
+    def spy(self):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return real(self)
+
+    monkeypatch.setattr(DiffusionTrainer, "run", spy)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    for allowed in (False, True):
+        cfg = copy.deepcopy(world.cfg)
+        cfg.dreambooth.max_train_steps = 4
+        cfg.compute.cudnn_attention_in_training = allowed
+        metrics = dreambooth.run(
+            cfg, world.base_dir, world.root / f"db_cudnn_{allowed}", world.paths(f"cudnn{allowed}")
+        )
+        assert torch.isfinite(torch.tensor(metrics["final_loss"]))
+        assert torch.backends.cuda.cudnn_sdp_enabled(), "restored after the stage's training"
+    assert seen == [False, True], seen

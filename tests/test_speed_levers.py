@@ -12,7 +12,7 @@ import torch
 from diffusers import DDPMScheduler
 from peft import LoraConfig as PeftLoraConfig
 
-from stages.lib.config.schema import TinyModelConfig, TrackingConfig, TrainConfig
+from stages.lib.config.schema import ComputeConfig, TinyModelConfig, TrackingConfig, TrainConfig
 from stages.lib.miniature.tiny_model import build_tiny_pipeline
 from stages.lib.tracking.tracker import StageTracker
 from stages.lib.training.checkpoints import CheckpointStore
@@ -113,3 +113,16 @@ def test_frozen_layers_in_bf16_change_nothing_under_bf16_autocast(pipe) -> None:
     finally:
         unet.delete_adapters("default") if hasattr(unet, "delete_adapters") else None
         unet.float()
+
+
+def test_training_attention_turns_cudnn_attention_off_on_cuda_only() -> None:
+    from stages.lib.training.finetune import training_attention
+
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    with training_attention(ComputeConfig(), torch.device("cpu")):
+        assert torch.backends.cuda.cudnn_sdp_enabled(), "nothing changes off CUDA"
+    with training_attention(ComputeConfig(), torch.device("cuda")):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled(), "restored after the block"
+    with training_attention(ComputeConfig(cudnn_attention_in_training=True), torch.device("cuda")):
+        assert torch.backends.cuda.cudnn_sdp_enabled()

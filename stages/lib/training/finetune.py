@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -139,6 +140,23 @@ def apply_training_levers(
         half_frozen_layers(denoiser, torch.bfloat16)
     if compute.channels_last:
         denoiser.to(memory_format=torch.channels_last)
+
+
+@contextmanager
+def training_attention(compute: ComputeConfig, device: torch.device) -> Iterator[None]:
+    """Within the block, on CUDA, attention without cuDNN's fused kernels unless
+    ``compute.cudnn_attention_in_training``: cuDNN compiles one per input shape on first use, and a training stage
+    meets many (training, probe, validation and latent-encoding batches; forward and backward): ~10 s of an SD1.5
+    stage, where PyTorch's flash attention runs as fast (``benchmarks/attention_first_use.py``)."""
+    if device.type != "cuda" or compute.cudnn_attention_in_training:
+        yield
+        return
+    previous = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(previous)
 
 
 Conditioning = Callable[[torch.Tensor], torch.Tensor]  # images in [-1, 1] (N, 3, H, W) -> maps (N, C, H, W)
@@ -285,7 +303,7 @@ def finetune(
 ) -> TrainResult:
     """Run the shared loop over ``params`` of ``pipe.unet``; ``identity`` adds stage-specific fingerprint parts.
 
-    ``compute`` carries the speed levers (CUDA graphs, the flat 8-bit optimizer).
+    ``compute`` carries the speed levers (CUDA graphs, the flat 8-bit optimizer, the attention kernels).
     ControlNet training passes ``denoiser`` (a ControlNet steering ``pipe.unet``), ``conditioning`` (image ->
     conditioning map), optionally ``augment`` (the training pairs from the photos and their maps) and its own
     ``validate_images`` hook (default: samples of ``pipe``).
@@ -293,35 +311,36 @@ def finetune(
     device = pipe.unet.device
     accelerator = accelerator_for(cfg, device)
     compute = compute or ComputeConfig()
-    apply_training_levers(denoiser if denoiser is not None else pipe.unet, cfg, compute, device)
-    with phase("encode"):
-        data = build_training_data(pipe, cfg, data_cfg, paths, conditioning, augment)
-    inputs = [paths.prepared_dir] + ([paths.class_dir] if paths.class_dir else [])
-    store = CheckpointStore(
-        paths.checkpoint_dir,
-        fingerprint(stage, asdict(cfg), asdict(data_cfg), identity, hash_files(inputs + CODE_FILES)),
-        cfg.checkpoints_total_limit,
-    )
-    # validation's two images are too few to keep the GPU busy eagerly: replay the UNet as CUDA graphs
-    graphed = GraphedDenoiser(pipe.unet) if compute.cuda_graphs and device.type == "cuda" else None
-    hook = validate_images or make_validation_hook(
-        pipe, cfg, data_cfg.instance_prompt, tracker, paths.reports_dir, graphed
-    )
-    trainer = DiffusionTrainer(
-        cfg,
-        denoiser if denoiser is not None else pipe.unet,
-        DDPMScheduler.from_config(pipe.scheduler.config),
-        data,
-        params,
-        store,
-        tracker,
-        accelerator,
-        validate_images=hook if accelerator.is_main_process else None,
-        compute=compute,
-    )
-    result = trainer.run()
-    if graphed is not None:
-        graphed.release()
-    if accelerator.is_main_process:
-        tracker.log_artifact(write_loss_table(result.history, paths.reports_dir / "loss.csv"))
-    return result
+    with training_attention(compute, device):
+        apply_training_levers(denoiser if denoiser is not None else pipe.unet, cfg, compute, device)
+        with phase("encode"):
+            data = build_training_data(pipe, cfg, data_cfg, paths, conditioning, augment)
+        inputs = [paths.prepared_dir] + ([paths.class_dir] if paths.class_dir else [])
+        store = CheckpointStore(
+            paths.checkpoint_dir,
+            fingerprint(stage, asdict(cfg), asdict(data_cfg), identity, hash_files(inputs + CODE_FILES)),
+            cfg.checkpoints_total_limit,
+        )
+        # validation's two images are too few to keep the GPU busy eagerly: replay the UNet as CUDA graphs
+        graphed = GraphedDenoiser(pipe.unet) if compute.cuda_graphs and device.type == "cuda" else None
+        hook = validate_images or make_validation_hook(
+            pipe, cfg, data_cfg.instance_prompt, tracker, paths.reports_dir, graphed
+        )
+        trainer = DiffusionTrainer(
+            cfg,
+            denoiser if denoiser is not None else pipe.unet,
+            DDPMScheduler.from_config(pipe.scheduler.config),
+            data,
+            params,
+            store,
+            tracker,
+            accelerator,
+            validate_images=hook if accelerator.is_main_process else None,
+            compute=compute,
+        )
+        result = trainer.run()
+        if graphed is not None:
+            graphed.release()
+        if accelerator.is_main_process:
+            tracker.log_artifact(write_loss_table(result.history, paths.reports_dir / "loss.csv"))
+        return result
