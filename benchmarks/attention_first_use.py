@@ -4,9 +4,10 @@ Each mode runs in a fresh process (first use is per process): the SD1.5 UNet (ra
 autocast, as training runs it) times its first training step (batch 2, forward and backward), its first forward
 at batch 4 / 20 / 64 (validation, probes, sampling), then the median of 10 training steps and 8 forwards at batch
 64. ``cudnn_off`` turns cuDNN's attention off (``torch.backends.cuda.enable_cudnn_sdp(False)``): PyTorch then
-uses its flash attention. The two modes' outputs at batch 4 are compared.
+uses its flash attention. The two modes' outputs at batch 4 are compared (two of its latents).
 
     python -m benchmarks.attention_first_use --out benchmarks/results/attention_first_use_h100.json
+    python -m benchmarks.attention_first_use --table benchmarks/results/attention_first_use_h100.json
 """
 
 from __future__ import annotations
@@ -67,8 +68,29 @@ def measure(mode: str, out: Path) -> dict[str, float | str]:
     result["train_step_ms"] = 1000 * statistics.median(seconds(train) for _ in range(10))
     result["forward_b64_ms"] = 1000 * statistics.median(seconds(lambda: forward(64)) for _ in range(8))
     g.manual_seed(7)
-    torch.save(forward(4).float().cpu(), out)
+    torch.save(forward(4)[:2].float().cpu(), out)  # two of the four latents
     return result
+
+
+def markdown_table(report: dict) -> str:
+    """The result as a Markdown table (seconds for first uses, milliseconds after), with its header line."""
+    names = {"cudnn_on": "cuDNN attention on (PyTorch's default)", "cudnn_off": "cuDNN attention off"}
+    lines = [
+        f"{report['device']}, torch {report['versions']['torch']}, diffusers {report['versions']['diffusers']}; "
+        "SD1.5 UNet, fp32 weights under bf16 autocast, fresh process per row:",
+        "",
+        "| attention | first training step (s) | first forward, batch 4 / 20 / 64 (s) | training step (ms) "
+        "| forward, batch 64 (ms) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for mode, row in report["modes"].items():
+        firsts = " / ".join(f"{row[f'first_forward_b{b}_s']:.2f}" for b in (4, 20, 64))
+        lines.append(f"| {names[mode]} | {row['first_train_s']:.1f} | {firsts} | {row['train_step_ms']:.0f} "
+                     f"| {row['forward_b64_ms']:.0f} |")  # fmt: skip
+    diff = report["output_diff"]
+    lines += ["", f"Outputs of the two at batch 4: mean |diff| {diff['mean_abs']:.4f}, max {diff['max_abs']:.4f} "
+              f"(mean |output| {diff['mean_abs_output']:.3f})."]  # fmt: skip
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # one mode, in a child process
     parser.add_argument("--tensor", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help="result JSON")
+    parser.add_argument(
+        "--table", type=Path, metavar="JSON", help="print the Markdown table of a result JSON"
+    )
     args = parser.parse_args(argv)
+    if args.table:
+        print(markdown_table(json.loads(args.table.read_text())))
+        return 0
     if args.mode:
         print(json.dumps(measure(args.mode, args.tensor)), flush=True)
         return 0

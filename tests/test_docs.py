@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from benchmarks import multi_gpu, recipe, speed, train_step
+from benchmarks import attention_first_use, multi_gpu, recipe, speed, train_step
 
 from .conftest import PROJECT_ROOT
 
@@ -21,6 +21,12 @@ TABLES = [  # (renderer, result JSON, docs page that shows it)
     (speed.markdown_table, "benchmarks/results/speed_h100.json", "docs/gpu-speed.md"),
     (recipe.markdown_table, "benchmarks/results/recipe_h100_s01.json", "docs/gpu-speed.md"),
     (recipe.markdown_table, "benchmarks/results/recipe_h100_s01_r4.json", "docs/gpu-speed.md"),
+    (recipe.markdown_table, "benchmarks/results/recipe_h100_s01_r4_profiled.json", "docs/gpu-speed.md"),
+    (
+        attention_first_use.markdown_table,
+        "benchmarks/results/attention_first_use_h100.json",
+        "docs/gpu-speed.md",
+    ),
 ]
 
 
