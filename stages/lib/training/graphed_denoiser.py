@@ -93,7 +93,9 @@ class GraphedDenoiser:
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            # thread-local: the checkpoint writer's thread may wait on a CUDA event meanwhile (a resumed run's first
+            # round can follow a checkpoint), which a global capture would forbid
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 output = run()
         except RuntimeError as err:  # an operation this torch/driver cannot capture: stay eager
             self._give_up(str(err).splitlines()[0])
