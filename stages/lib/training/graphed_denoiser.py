@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from stages.lib.training.graphed_step import warm_up
+
 log = logging.getLogger(__name__)
 
 WARMUP_CALLS = 2  # before capture, on a side stream: cuDNN / cuBLAS choose and allocate their workspaces
@@ -35,7 +37,6 @@ class GraphedDenoiser:
     """
 
     def __init__(self, unet: torch.nn.Module, max_graphs: int = 4, tolerance: float = 1e-3) -> None:
-        self.unet = unet
         self.eager = unet.forward  # the forward in use when sampling starts (may be Accelerate's wrapper)
         self.plain = type(unet).forward.__get__(unet, type(unet))
         self.max_graphs = max_graphs
@@ -84,12 +85,7 @@ class GraphedDenoiser:
                 return self.plain(**static, return_dict=False)[0]
 
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(WARMUP_CALLS):
-                    run()
-            torch.cuda.current_stream().wait_stream(side)
+            warm_up(run, WARMUP_CALLS)
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()

@@ -138,6 +138,17 @@ class LossLog:
         return out
 
 
+def warm_up(run: Callable[[], object], calls: int) -> None:
+    """``run`` ``calls`` times on a side stream, as a CUDA graph capture needs first (kernels loaded, cuDNN and
+    cuBLAS workspaces made outside the graph); the current stream then waits for it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(calls):
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+
+
 class GraphedStep:
     """One training step captured as a CUDA graph and replayed (see the module docstring).
 
@@ -180,12 +191,7 @@ class GraphedStep:
     def _capture(self, device: torch.device) -> torch.cuda.CUDAGraph:
         """Warm up on a side stream with every update skipped (kernels compiled, workspaces made), then capture."""
         skip = torch.ones((), dtype=torch.bool, device=device)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._body(skip)
-        torch.cuda.current_stream().wait_stream(side)
+        warm_up(lambda: self._body(skip), calls=2)
         # The warm-up's activations sit freed in the allocator's cache; the capture allocates from the graph's own
         # pool, so hand them back first: otherwise both sets stay reserved and the step needs twice the memory.
         torch.cuda.synchronize(device)
