@@ -1,5 +1,6 @@
 """DVC stages of the Stable Diffusion personalisation pipeline (one module per stage)."""
 
-from stages.lib.runtime.quiet import install
+from stages.lib.runtime import lean_imports, quiet
 
-install()  # before any stage imports diffusers, transformers or tqdm
+quiet.install()  # before any stage imports diffusers, transformers or tqdm
+lean_imports.install()
