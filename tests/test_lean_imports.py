@@ -1,5 +1,6 @@
-"""Stage processes defer bitsandbytes (stages/lib/runtime/lean_imports.py): diffusers and peft import it whenever it
-is installed, for quantized checkpoints no stage loads. A stand-in bitsandbytes package that records when its code
+"""Stage processes defer bitsandbytes and scipy.stats (stages/lib/runtime/lean_imports.py): diffusers and peft
+import bitsandbytes whenever it is installed, for quantized checkpoints no stage loads, and diffusers' schedulers
+import scipy.stats for a sigma schedule the stages do not use. A stand-in bitsandbytes package that records when its code
 runs is installed: importing diffusers' pipeline, models and peft through the ``stages`` package leaves its code
 unrun until first use, while plain Python runs it at the libraries' import."""
 
@@ -28,6 +29,9 @@ report = {"found": "bitsandbytes" in sys.modules, "ran_at_import": hasattr(sys, 
 import bitsandbytes
 report["version_on_use"] = bitsandbytes.__version__
 report["ran_on_use"] = hasattr(sys, "fake_bitsandbytes_ran")
+report["scipy_stats_ran_at_import"] = "norm" in vars(sys.modules["scipy.stats"])
+import scipy.stats
+report["scipy_stats_on_use"] = float(scipy.stats.norm.cdf(0.0))
 print(json.dumps(report))
 """
 
@@ -66,13 +70,21 @@ def probe(site: Path, mode: str, code: str = PROBE, **env: str) -> dict[str, obj
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_stage_processes_run_bitsandbytes_only_on_first_use(fake_bitsandbytes: Path) -> None:
-    used = {"found": True, "available": True, "version_on_use": "0.50.2", "ran_on_use": True}
-    assert probe(fake_bitsandbytes, "plain") == used | {"ran_at_import": True}, (
-        "diffusers/peft must import it"
-    )
-    assert probe(fake_bitsandbytes, "stages") == used | {"ran_at_import": False}
-    assert probe(fake_bitsandbytes, "stages", SDPIPE_EAGER_IMPORTS="1") == used | {"ran_at_import": True}
+def test_stage_processes_run_bitsandbytes_and_scipy_stats_only_on_first_use(fake_bitsandbytes: Path) -> None:
+    used = {
+        "found": True,
+        "available": True,
+        "version_on_use": "0.50.2",
+        "ran_on_use": True,
+        "scipy_stats_on_use": 0.5,
+    }
+    eager = used | {"ran_at_import": True, "scipy_stats_ran_at_import": True}
+    assert probe(fake_bitsandbytes, "plain") == eager, "diffusers/peft must import both"
+    assert probe(fake_bitsandbytes, "stages") == used | {
+        "ran_at_import": False,
+        "scipy_stats_ran_at_import": False,
+    }
+    assert probe(fake_bitsandbytes, "stages", SDPIPE_EAGER_IMPORTS="1") == eager
 
 
 def test_a_submodule_import_runs_the_deferred_package_first(fake_bitsandbytes: Path) -> None:

@@ -1,11 +1,15 @@
-"""Defer optional packages that libraries import eagerly but a stage rarely uses.
+"""Defer modules that libraries import eagerly but a stage rarely uses.
 
-diffusers (``models.modeling_utils`` -> ``quantizers``) and peft (``peft.helpers``) run ``import bitsandbytes``
-whenever it is installed, for quantized checkpoints that no stage loads. On a CUDA host that import loads
-bitsandbytes' native library and Triton backends: seconds of every stage's startup. :func:`install` makes
-``import bitsandbytes`` return the package with its code not yet run: the code runs on first use of a name
-from it, e.g. when ``optimizer=adamw8bit`` builds bitsandbytes' optimizer, and never in a stage that does not use it.
-Nothing else changes: the package is found and reported available as before.
+- ``bitsandbytes``: diffusers (``models.modeling_utils`` -> ``quantizers``) and peft (``peft.helpers``) import it
+  whenever it is installed, for quantized checkpoints that no stage loads. On a CUDA host the import loads
+  bitsandbytes' native library and Triton backends: seconds of every stage's startup.
+- ``scipy.stats`` (with ``scipy.ndimage``): diffusers' schedulers import it for beta sigma schedules; 0.8 s on the
+  2-core CPU.
+
+:func:`install` makes ``import <module>`` return the module with its code not yet run: the code runs on the first
+use of a name from it (e.g. when ``optimizer=adamw8bit`` builds bitsandbytes' optimizer), or before one of its
+submodules is imported, and never in a stage that does not use it. Nothing else changes: the module is found and
+reported available as before.
 
 ``SDPIPE_EAGER_IMPORTS=1`` turns this off.
 """
@@ -19,7 +23,7 @@ import sys
 import threading
 import types
 
-DEFERRED = frozenset({"bitsandbytes"})
+DEFERRED = frozenset({"bitsandbytes", "scipy.stats"})
 EAGER_ENV = "SDPIPE_EAGER_IMPORTS"
 
 
@@ -70,9 +74,11 @@ class _DeferredImports(importlib.abc.MetaPathFinder):
 
     def find_spec(self, fullname: str, path, target=None):  # noqa: ANN001 -- MetaPathFinder's signature
         if fullname not in DEFERRED:
-            parent = sys.modules.get(fullname.partition(".")[0])
-            if parent is not None and type(parent) is _DeferredModule:
-                parent.__loader__.run(parent)  # a submodule may rely on the package's own set-up
+            parts = fullname.split(".")
+            for depth in range(1, len(parts)):  # a submodule may rely on its package's own set-up
+                package = sys.modules.get(".".join(parts[:depth]))
+                if type(package) is _DeferredModule:
+                    package.__loader__.run(package)
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
