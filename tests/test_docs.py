@@ -22,6 +22,7 @@ TABLES = [  # (renderer, result JSON, docs page that shows it)
     (recipe.markdown_table, "benchmarks/results/recipe_h100_s01.json", "docs/gpu-speed.md"),
     (recipe.markdown_table, "benchmarks/results/recipe_h100_s01_r4.json", "docs/gpu-speed.md"),
     (recipe.markdown_table, "benchmarks/results/recipe_h100_s01_r4_profiled.json", "docs/gpu-speed.md"),
+    (recipe.markdown_table, "benchmarks/results/recipe_h100_s01_r4_cudnn_off.json", "docs/gpu-speed.md"),
     (
         attention_first_use.markdown_table,
         "benchmarks/results/attention_first_use_h100.json",
