@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +16,9 @@ from stages.lib.imaging.images import list_images, to_pixels, to_rgb
 from stages.lib.imaging.manifest import MANIFEST, Manifest
 
 Box = tuple[int, int, int, int]
+# Threads decoding images for training (Pillow's PNG decoder and resize release the GIL): 500 SD1.5 class images
+# take 13.6 ms each on one thread, 7.6 ms on the 2-core CPU's two
+READ_WORKERS = 8
 
 
 class TrainDataError(StageError):
@@ -61,14 +67,28 @@ def _to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
     return to_pixels([image])[0]
 
 
+def _read_image(path: Path, resolution: int) -> torch.Tensor:
+    with Image.open(path) as image:
+        return _to_tensor(image, resolution)
+
+
+def read_images(paths: Sequence[Path], resolution: int) -> torch.Tensor:
+    """``paths`` centre-cropped square at ``resolution``, as one (N, 3, H, W) tensor in [-1, 1], in order;
+    decoded on up to ``READ_WORKERS`` threads (no more than the CPU count)."""
+    workers = min(READ_WORKERS, os.cpu_count() or 1, len(paths))
+    if workers <= 1:
+        return torch.stack([_read_image(p, resolution) for p in paths])
+    with ThreadPoolExecutor(workers, thread_name_prefix="read-images") as pool:
+        return torch.stack(list(pool.map(_read_image, paths, [resolution] * len(paths))))
+
+
 def load_image_folder(folder: Path, resolution: int, what: str) -> ImageSet:
     """Every image of a folder, centre-cropped square at ``resolution``."""
     folder = Path(folder)
     files = list_images(folder) if folder.is_dir() else []
     if not files:
         raise TrainDataError(f"{folder}: no {what} images found; run the stage that produces them first")
-    pixels = torch.stack([_to_tensor(Image.open(f), resolution) for f in files])
-    return ImageSet(pixels, [f.name for f in files], [None] * len(files))
+    return ImageSet(read_images(files, resolution), [f.name for f in files], [None] * len(files))
 
 
 def _scaled_box(box: list[int] | None, from_size: int, to_size: int) -> Box | None:
@@ -86,12 +106,10 @@ def load_instance_set(prepared_dir: Path, resolution: int) -> ImageSet:
     manifest = Manifest.read(manifest_path)
     if not manifest.images:
         raise TrainDataError(f"{manifest_path}: lists no accepted images")
-    pixels, names, boxes = [], [], []
-    for entry in manifest.images:
-        pixels.append(_to_tensor(Image.open(Path(prepared_dir) / entry.output), resolution))
-        names.append(entry.output)
-        boxes.append(_scaled_box(entry.face_box_output, manifest.resolution, resolution))
-    return ImageSet(torch.stack(pixels), names, boxes, [entry.caption for entry in manifest.images])
+    pixels = read_images([Path(prepared_dir) / entry.output for entry in manifest.images], resolution)
+    names = [entry.output for entry in manifest.images]
+    boxes = [_scaled_box(e.face_box_output, manifest.resolution, resolution) for e in manifest.images]
+    return ImageSet(pixels, names, boxes, [entry.caption for entry in manifest.images])
 
 
 def face_weight_maps(
