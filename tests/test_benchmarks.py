@@ -104,3 +104,21 @@ def test_sampling_profile_times_each_side_on_the_tiny_model(tmp_path: Path) -> N
     sides = results["sides"]
     assert set(sides) == {"plain", "plain_latents_only", "project_no_files", "project_with_pngs"}
     assert all(row["median_s"] > 0 and len(row["runs"]) == 1 for row in sides.values())
+
+
+def test_sampler_kernel_benchmark_on_the_tiny_model(tmp_path: Path) -> None:
+    from benchmarks import sampler_kernels
+
+    out = tmp_path / "kernels.json"
+    argv = ["--model", "tiny", "--modes", "nhwc", "--batch", "4", "--repeats", "2", "--calls", "1"]
+    assert sampler_kernels.main([*argv, "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["steady"]) == set(report["first_use"]) == {"eager", "nhwc"}
+    assert report["first_use_cached"] == {}  # nothing compiled
+    for row in report["steady"].values():
+        assert len(row["calls_s"]) == 2 and row["ms_median"] > 0
+        assert row["max_abs_diff"] <= 1e-4 * max(1.0, row["mean_abs_output"])  # same UNet, another layout
+    assert report["steady"]["eager"]["speedup_median"] == 1.0
+    assert all(r["first_call_s"] > 0 for r in report["first_use"].values())
+    table = sampler_kernels.markdown_table(report)
+    assert "| nhwc |" in table and "| eager |" in table
