@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from benchmarks.report_files import add_report_arguments, printed_table, write_report
+
 MODES = ("cudnn_on", "cudnn_off")
 
 
@@ -97,13 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # one mode, in a child process
     parser.add_argument("--tensor", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, help="result JSON")
-    parser.add_argument(
-        "--table", type=Path, metavar="JSON", help="print the Markdown table of a result JSON"
-    )
+    add_report_arguments(parser)
     args = parser.parse_args(argv)
-    if args.table:
-        print(markdown_table(json.loads(args.table.read_text())))
+    if printed_table(args, markdown_table):
         return 0
     if args.mode:
         print(json.dumps(measure(args.mode, args.tensor)), flush=True)
@@ -129,9 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     report["output_diff"] = {"max_abs": float((on - off).abs().max()), "mean_abs": float((on - off).abs().mean()),
                              "mean_abs_output": float(on.abs().mean())}  # fmt: skip
     print(report["output_diff"])
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+    write_report(args.out, report)
     return 0
 
 

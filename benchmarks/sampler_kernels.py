@@ -35,6 +35,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchmarks.report_files import add_report_arguments, printed_table, write_report
+
 MODES = ("eager", "nhwc", "cudnn_benchmark", "nhwc_cudnn_benchmark", "regional", "regional_resnets", "full")
 COMPILED = {"regional": ("BasicTransformerBlock",), "full": ()}
 COMPILED["regional_resnets"] = COMPILED["regional"] + ("ResnetBlock2D", "Downsample2D", "Upsample2D")
@@ -208,13 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--calls", type=int, default=5, help="forwards per mode and round")
     parser.add_argument("--first-use", choices=MODES, help=argparse.SUPPRESS)  # one mode, in a child process
-    parser.add_argument("--out", type=Path, help="result JSON")
-    parser.add_argument(
-        "--table", type=Path, metavar="JSON", help="print the Markdown table of a result JSON"
-    )
+    add_report_arguments(parser)
     args = parser.parse_args(argv)
-    if args.table:
-        print(markdown_table(json.loads(args.table.read_text())))
+    if printed_table(args, markdown_table):
         return 0
     device = args.device or ("cuda" if args.model == "sd15" else "cpu")
     batch = args.batch or (64 if args.model == "sd15" else 16)
@@ -252,9 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         report["steady"] = steady_state(modes, args.model, device, batch, args.repeats, args.calls)
     print(markdown_table(report))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+    write_report(args.out, report)
     return 0
 
 
