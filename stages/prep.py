@@ -22,6 +22,7 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageStat, UnidentifiedImageError
@@ -40,6 +41,7 @@ from stages.lib.imaging.manifest import MANIFEST, Manifest, ManifestEntry, Rejec
 from stages.lib.metrics.identity import pick_subject
 from stages.lib.runtime.cli import stage_main
 from stages.lib.runtime.outputs import atomic_dir
+from stages.lib.runtime.threads import BackgroundJobs, worker_count
 from stages.lib.tracking.tracker import stage_run
 
 log = logging.getLogger("stages.prep")
@@ -294,13 +296,15 @@ def process(
     waiting: list[Accepted] = []
     candidates: list[list[Face]] = []
 
+    writer = BackgroundJobs(worker_count(len(files)), name="prep-writer")  # encoding a 512 px PNG: ~0.1 s
+
     def write(item: Accepted, focal: FocalCrop) -> None:
         crop, entry = crop_photo(item.photo, item.slot, prep, focal, len(item.faces))
         entry.caption = read_caption(item.path, token)
-        crop.save(out_dir / entry.output, **SAVE_OPTIONS[prep.image_format])
+        writer.submit(partial(crop.save, out_dir / entry.output, **SAVE_OPTIONS[prep.image_format]))
         entries[item.slot], thumbs[item.slot] = entry, thumbnail(crop, entry)
 
-    with logging_redirect_tqdm():
+    with logging_redirect_tqdm(), writer:
         for path in tqdm(files, desc="prep", unit="file"):
             try:
                 photo = load_photo(path, prep)

@@ -25,6 +25,7 @@ from stages.lib.miniature.face_render import SUBJECT, FaceAttributes
 from stages.lib.miniature.world import SCENE_SUFFIX, apply_style, paint_scene, place_person
 from stages.lib.runtime.cli import stage_main
 from stages.lib.runtime.outputs import atomic_dir
+from stages.lib.runtime.threads import map_in_threads
 
 MIN_IMAGE_SIDE = 64  # the tiny profile's prep resolution
 EXIF_ORIENTATION_TAG = 0x0112
@@ -97,22 +98,24 @@ def write_subject(
 ) -> list[Path]:
     """Write ``cfg.num_images`` photos of ``attrs`` into ``folder`` (with their scene captions when an
     ``instance_prompt`` is given); returns the photos' paths."""
-    paths = []
-    for i in range(cfg.num_images):
+
+    def write(i: int) -> Path:  # photo i draws from its own generator: the threads change nothing
         rng = np.random.default_rng([cfg.seed, i])
         width, height = (int(v) for v in rng.integers(cfg.min_size, cfg.max_size + 1, 2))
         scene = SCENE_CYCLE[i % len(SCENE_CYCLE)]
         photo = compose_photo(attrs, rng, width, height, scene)
         if i % 3 == 2:
-            paths.append(save_photo(photo, folder / f"subject_{i:03d}.png"))
+            path = save_photo(photo, folder / f"subject_{i:03d}.png")
         else:
             orientation = JPEG_ORIENTATIONS[(i // 3) % len(JPEG_ORIENTATIONS)]
             quality = int(rng.integers(85, 96))
-            paths.append(save_photo(photo, folder / f"subject_{i:03d}.jpg", orientation, quality))
+            path = save_photo(photo, folder / f"subject_{i:03d}.jpg", orientation, quality)
         caption = scene_caption(instance_prompt, scene) if instance_prompt else None
         if caption:
-            paths[-1].with_suffix(".txt").write_text(caption + "\n")
-    return paths
+            path.with_suffix(".txt").write_text(caption + "\n")
+        return path
+
+    return map_in_threads(write, range(cfg.num_images))
 
 
 def at_prep_resolution(cfg: PipelineConfig) -> SampleSubjectConfig:

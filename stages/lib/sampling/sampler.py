@@ -23,7 +23,6 @@ import logging
 import os
 from collections import deque
 from collections.abc import Hashable, Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +34,7 @@ from tqdm.auto import tqdm
 from stages.lib.config.batch_size import AUTO, parse_batch_size
 from stages.lib.errors import StageError
 from stages.lib.runtime.quiet import progress_interval
+from stages.lib.runtime.threads import BackgroundJobs
 from stages.lib.runtime.timings import phase
 
 if TYPE_CHECKING:
@@ -247,38 +247,18 @@ def write_png(image: Image.Image, path: Path) -> Path:
     return path
 
 
-class ImageWriter:
+class ImageWriter(BackgroundJobs):
     """PNGs written by a few background threads (Pillow's encoder releases the GIL); a failed write is
     re-raised by the next :meth:`submit` or by :meth:`close`, which waits for every write."""
 
     def __init__(self, workers: int = PNG_WORKERS, max_pending: int = 64) -> None:
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="png-writer")
-        self._pending: deque[Future[Path]] = deque()
-        self._max_pending = max_pending
+        super().__init__(workers, max_pending, name="png-writer")
 
-    def submit(self, image: Image.Image, path: Path) -> None:
-        self._pending.append(self._pool.submit(write_png, image, path))
-        while self._pending and (self._pending[0].done() or len(self._pending) > self._max_pending):
-            self._pending.popleft().result()  # raises the write's error
-
-    def close(self) -> None:
-        try:
-            while self._pending:
-                self._pending.popleft().result()
-        finally:
-            self._pool.shutdown(wait=True, cancel_futures=False)
+    def submit(self, image: Image.Image, path: Path) -> None:  # type: ignore[override]
+        super().submit(write_png, image, path)
 
     def __enter__(self) -> ImageWriter:
         return self
-
-    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
-        if exc is None:
-            self.close()
-            return
-        try:  # finish what was written (a killed run keeps it), but report the original error
-            self.close()
-        except StageError as err:
-            log.error("%s", err)
 
 
 # -- sampling --------------------------------------------------------------------------------------------------
