@@ -64,6 +64,7 @@ from typing import Any
 
 import yaml
 
+from benchmarks.report_files import source_commit
 from stages.lib.runtime.timings import PROFILE_ENV, TIMINGS_ENV, summary_line
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -649,13 +650,11 @@ def left_out_stages(args: argparse.Namespace) -> dict[str, str]:
 
 def new_report(args: argparse.Namespace, params: dict[str, Any], changes: dict[str, Any], haar: bool) -> dict:
     """The report's header: what ran where, and every value changed from the composed seed_hw4 params."""
-    from stages.lib.tracking.mlflow_run import git_commit
-
     faces = "haar" if haar else "none (no Haar cascade in this opencv): prep crops by saliency / centre"
     return {
         "benchmark": "recipe", "profile": "seed_hw4", "model": "tiny random" if args.tiny else "sd15 random fp16",
         "scale": args.scale, "full_size": args.scale == 1.0 and not args.tiny, "device": device_name(args.device),
-        "versions": versions(), "git_commit": git_commit(), "face_detection": faces,
+        "versions": versions(), "git_commit": source_commit(), "face_detection": faces,
         "left_out": left_out_stages(args), "changed_params": changes,
         "notes": NOTES, "config": params, "complete": False, "stages": {},
     }  # fmt: skip

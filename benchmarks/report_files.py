@@ -1,12 +1,23 @@
-"""The result-file options every benchmark shares: ``--out`` (write the JSON) and ``--table`` (print a JSON's
-Markdown table and stop)."""
+"""What benchmarks share about their result files: ``--out`` (write the JSON), ``--table`` (print a JSON's
+Markdown table and stop), the commit a result is recorded against."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
+
+COMMIT_ENV = "SDPIPE_GIT_COMMIT"
+
+
+def source_commit() -> str:
+    """The commit the benchmarked tree is at: ``$SDPIPE_GIT_COMMIT`` where set (a copy of the tree on another
+    machine may carry stale git metadata), else ``git rev-parse HEAD``."""
+    from stages.lib.tracking.mlflow_run import git_commit
+
+    return os.environ.get(COMMIT_ENV) or git_commit()
 
 
 def add_report_arguments(parser: argparse.ArgumentParser) -> None:

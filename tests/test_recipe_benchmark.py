@@ -4,6 +4,7 @@ smoke mode run end to end on the CPU, the way a GPU host without opencv's Haar c
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -71,9 +72,13 @@ def test_smoke_run_times_every_stage_and_writes_outputs(tmp_path: Path) -> None:
            "--work", str(work), "--out", str(out), "--params", str(tmp_path / "params.yaml"),
            "--leave-out", "convert", "compare", "--force-no-haar"]  # fmt: skip
     cmd += [arg for item in SMOKE_SETS for arg in ("--set", item)]
-    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    env = dict(
+        os.environ, SDPIPE_GIT_COMMIT="c0ffee" * 6 + "0000"
+    )  # the tree's commit, given where git is stale
+    proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
+    assert report["git_commit"] == env["SDPIPE_GIT_COMMIT"]
     stages = report["stages"]
     assert list(stages) == ["sample_subject", "base", "prep", "class_images", "dreambooth", "lora@4", "infer"]
     assert all(
