@@ -42,7 +42,7 @@ class _DeferredModule(types.ModuleType):
 
 
 class _DeferredLoader(importlib.abc.Loader):
-    """Wraps a package's loader: ``exec_module`` only marks the module deferred; ``run`` executes it once."""
+    """Wraps a module's loader: ``exec_module`` only marks the module deferred; ``run`` executes it once."""
 
     def __init__(self, loader: importlib.abc.Loader) -> None:
         self.loader = loader
@@ -70,7 +70,7 @@ class _DeferredLoader(importlib.abc.Loader):
 
 
 class _DeferredImports(importlib.abc.MetaPathFinder):
-    """Finds the top-level packages in ``DEFERRED`` through the other finders and defers their code."""
+    """Finds the modules in ``DEFERRED`` through the other finders and defers their code."""
 
     def find_spec(self, fullname: str, path, target=None):  # noqa: ANN001 -- MetaPathFinder's signature
         if fullname not in DEFERRED:
@@ -96,6 +96,6 @@ _FINDER = _DeferredImports()
 
 
 def install() -> None:
-    """Defer ``DEFERRED`` packages in this process (idempotent; off with ``SDPIPE_EAGER_IMPORTS=1``)."""
+    """Defer the ``DEFERRED`` modules in this process (idempotent; off with ``SDPIPE_EAGER_IMPORTS=1``)."""
     if os.environ.get(EAGER_ENV) != "1" and _FINDER not in sys.meta_path:
         sys.meta_path.insert(0, _FINDER)
