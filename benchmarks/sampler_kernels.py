@@ -50,14 +50,16 @@ def build_unet(model: str, device: str) -> Any:
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    if model == "sd15":
-        from stages.lib.models.loading import SD15_CONFIG_DIR
+    with torch.device(device):  # initialised where it runs: SD1.5's 860 M parameters take seconds on a CPU
+        if model == "sd15":
+            from stages.lib.models.loading import SD15_CONFIG_DIR
 
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SD15_CONFIG_DIR / "unet"))
-    else:
-        from stages.lib.miniature.tiny_model import TinyModelConfig, tiny_unet
+            config = UNet2DConditionModel.load_config(SD15_CONFIG_DIR / "unet")
+            unet = UNet2DConditionModel.from_config(config)
+        else:
+            from stages.lib.miniature.tiny_model import TinyModelConfig, tiny_unet
 
-        unet = tiny_unet(TinyModelConfig())
+            unet = tiny_unet(TinyModelConfig())
     dtype = torch.float16 if device == "cuda" else torch.float32
     return unet.to(device, dtype).eval().requires_grad_(False)
 
